@@ -1,0 +1,1 @@
+"""Data: tokenizer, templates, AnyRes preprocessing, datasets, packing and the stateful loader."""

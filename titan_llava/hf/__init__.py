@@ -1,0 +1,1 @@
+"""Hugging Face interop: explicit key maps, safetensors loading, export to LlavaNextForConditionalGeneration."""

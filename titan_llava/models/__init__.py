@@ -1,0 +1,1 @@
+"""Plain-PyTorch model modules (no torch.distributed here): Vicuna, CLIP-ViT, projector, LLaVA-NeXT."""
