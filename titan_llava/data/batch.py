@@ -1,0 +1,73 @@
+"""The Batch the data loader yields and the trainer consumes (see the data contract in DESIGN/README).
+
+Image features are already accounted for in the text: every image-feature position holds
+IMAGE_TOKEN_INDEX, so the model only scatters projected features into those positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from titan_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+@dataclass
+class Batch:
+    """One local micro-batch.
+
+    input_ids: [B, S] int64; IMAGE_TOKEN_INDEX at every image-feature position, pad_id at padding.
+    labels: [B, S] int64; IGNORE_INDEX where nothing is learned (padding, image positions, masks).
+        Not shifted: the loss shifts (labels[:, 1:] against logits[:, :-1]) as the reference does.
+    positions: [B, S] int64; position ids, restarting at 0 at the start of every packed document.
+    document_ids: [B, S] int64 or None (packing off); ids are per row, and the padding at the end of
+        a packed row has its own id, so no real token ever attends to padding.
+    pixel_values: [T, 3, t, t] float32 or None; the tiles of every image, image after image in
+        placeholder order (row 0 first, left to right), each image's tiles as AnyRes emits them.
+    image_sizes: [N, 2] int64 or None; ORIGINAL (width, height) of each image, same order.
+    sample_ids: per row, the ids of the samples it holds (in order).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    document_ids: torch.Tensor | None
+    pixel_values: torch.Tensor | None
+    image_sizes: torch.Tensor | None
+    sample_ids: list[list[str]]
+
+    def __post_init__(self) -> None:
+        assert self.input_ids.dim() == 2 and self.input_ids.dtype == torch.long
+        assert self.labels.shape == self.input_ids.shape and self.labels.dtype == torch.long
+        assert self.positions.shape == self.input_ids.shape
+        if self.document_ids is not None:
+            assert self.document_ids.shape == self.input_ids.shape
+        assert (self.pixel_values is None) == (self.image_sizes is None)
+        assert len(self.sample_ids) == self.input_ids.shape[0]
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.image_sizes is None else int(self.image_sizes.shape[0])
+
+    @property
+    def num_image_positions(self) -> int:
+        return int((self.input_ids == IMAGE_TOKEN_INDEX).sum())
+
+    @property
+    def num_label_tokens(self) -> int:
+        """Tokens that carry a loss (before the loss' shift, which drops no learned label)."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def _map(self, fn) -> "Batch":
+        kwargs = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kwargs[f.name] = fn(value) if isinstance(value, torch.Tensor) else value
+        return Batch(**kwargs)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return self._map(lambda t: t.pin_memory())
