@@ -1,11 +1,13 @@
 """Regenerates the tiny Llama-like SentencePiece model the tests ship (tokenizer.model, vocab 1000).
 
-Run from anywhere: `python tests/assets/tokenizer/train_tokenizer.py`. Deterministic: the same corpus
-and options give a byte-identical model (single thread, no sentence shuffling or sampling).
+Run from anywhere: `python tests/assets/tokenizer/train_tokenizer.py [OUTPUT]`. Deterministic and
+path-independent: the same corpus gives a byte-identical model (single thread, no shuffling or
+sampling; the corpus is streamed from memory so no file path is recorded in the model).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 
@@ -13,16 +15,20 @@ import sentencepiece as spm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus.txt")
-MODEL_PREFIX = os.path.join(HERE, "tokenizer")
+MODEL_PATH = os.path.join(HERE, "tokenizer.model")
 
 
-def train(model_prefix: str = MODEL_PREFIX, corpus: str = CORPUS) -> str:
+def train_bytes(corpus: str = CORPUS) -> bytes:
+    """The serialized model trained on `corpus` (one sentence per line)."""
+    with open(corpus, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    model = io.BytesIO()
     # Options mirror Llama-2 / Vicuna's tokenizer.model trainer_spec where they matter for behaviour:
     # BPE, byte fallback, split digits, unk 0 / bos 1 / eos 2 with no pad piece, the dummy prefix,
     # whitespace kept verbatim and identity normalisation.
     spm.SentencePieceTrainer.train(
-        input=corpus,
-        model_prefix=model_prefix,
+        sentence_iterator=iter(lines),
+        model_writer=model,
         model_type="bpe",
         vocab_size=1000,
         character_coverage=1.0,
@@ -47,9 +53,14 @@ def train(model_prefix: str = MODEL_PREFIX, corpus: str = CORPUS) -> str:
         num_threads=1,
         minloglevel=2,
     )
-    os.remove(model_prefix + ".vocab")  # only the .model is shipped
-    return model_prefix + ".model"
+    return model.getvalue()
+
+
+def main(output: str = MODEL_PATH) -> None:
+    with open(output, "wb") as f:
+        f.write(train_bytes())
+    print(output)
 
 
 if __name__ == "__main__":
-    print(train(*sys.argv[1:2]))
+    main(*sys.argv[1:2])
