@@ -1,0 +1,406 @@
+"""Job configuration: section dataclasses (TorchTitan names), TOML/JSON loading, `--section.key` CLI
+overrides, validation, and the resolved-config dump. Precedence: defaults < config file < CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_type_hints
+
+from titan_llava.config_parse import coerce, load_config_file, parse_cli, suggest
+
+TRAINABLE_PARTS = ("projector", "llm", "vision")
+TEMPLATES = ("plain", "vicuna_v1")
+
+
+@dataclass
+class Job:
+    config_file: str | None = None
+    """TOML (or a dumped config.json) to load; set on the CLI as `--job.config_file`."""
+    dump_folder: str = "./outputs"
+    """Run folder: resolved config.json, metrics.jsonl, checkpoint/, tb/ live here."""
+    seed: int = 42
+    """Seed for model init, data order and every RNG (see distributed.utils.set_determinism)."""
+    description: str = ""
+    """Free text recorded in the dumped config."""
+
+
+@dataclass
+class Model:
+    flavor: str = "debug"
+    """Key of titan_llava.models.args.LLAVA_FLAVORS (ignored where the architecture comes from HF
+    config.json files via checkpoint.initial_load_in_hf)."""
+    tokenizer_path: str = "tests/assets/tokenizer/tokenizer.model"
+    """SentencePiece tokenizer.model (Vicuna's for the real recipe)."""
+    attn_backend: Literal["sdpa", "flex", "flash"] = "sdpa"
+    """LLM attention kernel: torch SDPA, FlexAttention, or flash-attn varlen (optional dependency)."""
+    image_aspect_ratio: Literal["anyres", "pad", "resize"] = "anyres"
+    """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize)."""
+    grid_pinpoints: list[tuple[int, int]] = field(
+        default_factory=lambda: [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+    )
+    """AnyRes candidate resolutions as (width, height), each a multiple of the 336 tile."""
+
+
+@dataclass
+class Data:
+    path: str = "tests/assets/sample_data/pretrain.json"
+    """LLaVA JSON (top-level list) or JSONL with id / image / conversations."""
+    image_folder: str | None = "tests/assets/sample_data"
+    """Folder that relative image paths resolve in (images may not escape it); None = text only."""
+    template: Literal["plain", "vicuna_v1"] = "plain"
+    """Conversation template: "plain" (stage 1 captions) or "vicuna_v1" (stage 2 chat)."""
+    shuffle: bool = True
+    """Seeded shuffle of the sample order each epoch (seed = job.seed + epoch)."""
+    packing: bool = False
+    """Pack several samples into each max_seq_len row (per-document attention and positions)."""
+    group_by_modality_length: bool = False
+    """Reference LengthGroupedSampler: batches are all-image or all-text, grouped by length."""
+    manifest: bool = False
+    """Write <dump_folder>/manifest/rank<r>.jsonl with the sample ids of every step (audit/resume)."""
+    max_seq_len: int = 4096
+    """Row length in tokens after image expansion; longer samples are truncated (reference)."""
+    num_workers: int = 0
+    """Parallel preprocessing workers per rank (0 = in the training process)."""
+    strict: bool = False
+    """Raise on the first bad sample instead of skipping and counting it."""
+
+
+@dataclass
+class Training:
+    steps: int = 10
+    """Optimizer steps to train; -1 = `epochs` passes over the data (see resolve_steps)."""
+    epochs: int = 1
+    """Passes over the data when steps = -1 (the reference trains one epoch per stage)."""
+    local_batch_size: int = 2
+    """Rows per micro-batch per data-parallel rank."""
+    global_batch_size: int = -1
+    """Rows per optimizer step over all ranks; must be a multiple of local_batch_size x dp degree
+    (the quotient is the gradient-accumulation count). -1 = local_batch_size x dp (no accumulation)."""
+    trainable: list[str] = field(default_factory=lambda: ["projector"])
+    """Parts that train: any of "projector" (incl. image_newline), "llm", "vision". Others are frozen
+    before sharding and get no optimizer state."""
+    mixed_precision_param: Literal["bfloat16", "float32"] = "bfloat16"
+    """FSDP2 compute dtype of parameters (master weights stay fp32); float32 makes CPU runs exact."""
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
+    """FSDP2 gradient reduce-scatter dtype."""
+    max_norm: float = 1.0
+    """Global gradient-norm clip (HF Trainer default 1.0); <= 0 disables clipping."""
+    loss_normalization: Literal["global_tokens", "per_microbatch"] = "global_tokens"
+    """"global_tokens": summed token CE / valid tokens of the whole step (all micro-batches and ranks).
+    "per_microbatch": mean CE per micro-batch averaged over micro-batches (HF Trainer)."""
+
+    def gradient_accumulation_steps(self, dp_degree: int) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        if self.global_batch_size == -1:
+            return 1
+        return self.global_batch_size // (self.local_batch_size * dp_degree)
+
+
+@dataclass
+class Optimizer:
+    name: Literal["AdamW"] = "AdamW"
+    """Optimizer class (only AdamW, as the reference)."""
+    lr: float = 2e-5
+    """Base learning rate; the default for every part without its own lr."""
+    llm_lr: float | None = None
+    """LLM learning rate (None = lr)."""
+    vision_lr: float | None = None
+    """Vision tower learning rate (None = lr; the stage-2 recipe uses 2e-6)."""
+    projector_lr: float | None = None
+    """Projector + image_newline learning rate (None = lr)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to all weights except biases and LayerNorm/RMSNorm weights
+    (the HF Trainer rule)."""
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """AdamW kernel: auto = fused on CUDA, foreach otherwise."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_ratio: float = 0.03
+    """Linear warmup length as a fraction of training.steps, rounded up (HF Trainer)."""
+    warmup_steps: int | None = None
+    """Warmup length in steps; overrides warmup_ratio when set."""
+    decay_type: Literal["cosine"] = "cosine"
+    """Decay after warmup (cosine, as HF get_cosine_schedule_with_warmup)."""
+    min_lr_ratio: float = 0.0
+    """Final lr as a fraction of the peak (the reference decays to 0)."""
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """HSDP replicas (each holds a full copy split over its shard group); 1 = plain FSDP."""
+    data_parallel_shard_degree: int = -1
+    """FSDP shard-group size; -1 = world size / replicate degree."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "full", "selective"] = "none"
+    """Recompute block activations in backward: none, full (every block), selective."""
+    selective_ac_option: str = "op"
+    """Selective AC: "op" (save matmul/attention outputs, every other matmul) or an integer N
+    (fully checkpoint every N-th block)."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block (dynamic shapes)."""
+    components: list[str] = field(default_factory=lambda: ["llm", "vision"])
+    """Which towers' blocks to compile: "llm", "vision"."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save DCP checkpoints to <dump_folder>/<folder>/step-N."""
+    folder: str = "checkpoint"
+    """Checkpoint folder, relative to job.dump_folder."""
+    interval: int = 500
+    """Save every this many steps (and at the last step)."""
+    initial_load_path: str | None = None
+    """Initial weights when the run has no checkpoint of its own: a DCP step folder, or with
+    initial_load_in_hf an HF LlavaNext directory, or "LLM_DIR,CLIP_DIR" (Vicuna + CLIP directories)."""
+    initial_load_in_hf: bool = False
+    """initial_load_path holds Hugging Face safetensors directories."""
+    initial_load_model_only: bool = True
+    """Load only model weights from initial_load_path (not optimizer / scheduler / data state)."""
+    keep_latest_k: int = 0
+    """Keep only the newest k step folders; 0 = keep all."""
+    async_mode: Literal["disabled", "async"] = "disabled"
+    """"async": dcp.async_save so training continues while the checkpoint is written."""
+    load_step: int = -1
+    """Resume from this step's checkpoint; -1 = the latest complete one."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Log (stdout + metrics.jsonl) every this many steps."""
+    enable_tensorboard: bool = False
+    """Also write TensorBoard scalars (only when tensorboard is installed)."""
+    save_tb_folder: str = "tb"
+    """TensorBoard folder, relative to job.dump_folder."""
+    enable_wandb: bool = False
+    """Also log to Weights & Biases (only when wandb is installed)."""
+
+
+SECTIONS: dict[str, type] = {
+    "job": Job,
+    "model": Model,
+    "data": Data,
+    "training": Training,
+    "optimizer": Optimizer,
+    "lr_scheduler": LRScheduler,
+    "parallelism": Parallelism,
+    "activation_checkpoint": ActivationCheckpoint,
+    "compile": Compile,
+    "checkpoint": Checkpoint,
+    "metrics": Metrics,
+}
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    # ----- construction -----
+    @classmethod
+    def from_dict(
+        cls,
+        raw: dict[str, Any],
+        source: str = "config",
+        cli: dict[str, dict[str, str]] | None = None,
+    ) -> "JobConfig":
+        """Build from nested {section: {key: value}} (TOML/JSON-native values, strictly typed),
+        then apply `cli` overrides (strings, parsed per the field type)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a table of sections, got {type(raw).__name__}")
+        values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for layer, origin in ((raw, source), (cli or {}, "command line")):
+            for name, table in layer.items():
+                if name not in SECTIONS:
+                    raise ValueError(f"{origin}: unknown section [{name}]{suggest(name, SECTIONS)}")
+                if not isinstance(table, dict):
+                    raise ValueError(f"{origin}: [{name}] must be a table")
+                hints = get_type_hints(SECTIONS[name])
+                for key, value in table.items():
+                    if key not in hints:
+                        hint = suggest(key, hints, prefix=name + ".")
+                        raise ValueError(f"{origin}: unknown key {name}.{key}{hint}")
+                    values[name][key] = coerce(
+                        value, hints[key], f"{name}.{key}", from_cli=layer is cli
+                    )
+        return cls(**{name: SECTIONS[name](**values[name]) for name in SECTIONS})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict (JSON-serialisable; tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def save(self, folder: str | None = None, filename: str = "config.json") -> str:
+        """Write the resolved config as JSON into `folder` (default: job.dump_folder); returns the
+        path. Loading it back (`load_config_file`) gives an equal JobConfig."""
+        folder = self.job.dump_folder if folder is None else folder
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, filename)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)  # never leave a half-written config behind
+        return path
+
+    # ----- derived values -----
+    def lr_for(self, part: str) -> float:
+        """Learning rate of a model part ("llm" | "vision" | "projector")."""
+        per_part = {
+            "llm": self.optimizer.llm_lr,
+            "vision": self.optimizer.vision_lr,
+            "projector": self.optimizer.projector_lr,
+        }[part]
+        return self.optimizer.lr if per_part is None else per_part
+
+    def warmup_steps(self, total_steps: int | None = None) -> int:
+        """Warmup length: warmup_steps if set, else ceil(warmup_ratio * steps) (HF Trainer)."""
+        total = self.training.steps if total_steps is None else total_steps
+        if self.lr_scheduler.warmup_steps is not None:
+            return self.lr_scheduler.warmup_steps
+        return math.ceil(self.lr_scheduler.warmup_ratio * total)
+
+    def resolve_steps(self, num_samples: int) -> int:
+        """training.steps, or for steps = -1 the steps of `epochs` passes over `num_samples`
+        rows at global_batch_size rows per step (rounded up, as HF Trainer)."""
+        if self.training.steps > 0:
+            return self.training.steps
+        assert self.training.global_batch_size > 0, "resolve after validate(world_size)"
+        return math.ceil(self.training.epochs * num_samples / self.training.global_batch_size)
+
+    # ----- validation -----
+    def validate(self, world_size: int = 1) -> None:
+        """Cross-field rules that need no I/O. Resolves global_batch_size = -1 in place."""
+        from titan_llava.distributed.parallel_dims import ParallelDims
+
+        t, o, s = self.training, self.optimizer, self.lr_scheduler
+        dims = ParallelDims.from_config(self.parallelism, world_size)
+        dp = dims.dp_degree
+        if t.local_batch_size <= 0:
+            raise ValueError(f"training.local_batch_size must be > 0, got {t.local_batch_size}")
+        if t.global_batch_size == -1:
+            t.global_batch_size = t.local_batch_size * dp
+        if t.global_batch_size <= 0 or t.global_batch_size % (t.local_batch_size * dp):
+            raise ValueError(
+                f"training.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
+                f"training.local_batch_size x data-parallel degree ({t.local_batch_size} x {dp})"
+            )
+        if t.steps == 0 or t.steps < -1:
+            raise ValueError(f"training.steps must be > 0 (or -1 = from epochs), got {t.steps}")
+        if t.steps == -1 and t.epochs <= 0:
+            raise ValueError(f"training.epochs must be > 0 when training.steps = -1, got {t.epochs}")
+        bad = [p for p in t.trainable if p not in TRAINABLE_PARTS]
+        if bad or not t.trainable or len(set(t.trainable)) != len(t.trainable):
+            raise ValueError(
+                f"training.trainable must be a non-empty list of distinct {list(TRAINABLE_PARTS)}, "
+                f"got {t.trainable}"
+            )
+        for key in ("lr", "llm_lr", "vision_lr", "projector_lr"):
+            v = getattr(o, key)
+            if v is not None and not v >= 0:
+                raise ValueError(f"optimizer.{key} must be >= 0, got {v}")
+        if not (0.0 <= o.betas[0] < 1.0 and 0.0 <= o.betas[1] < 1.0):
+            raise ValueError(f"optimizer.betas must be in [0, 1), got {o.betas}")
+        if o.eps < 0 or o.weight_decay < 0:
+            raise ValueError("optimizer.eps and optimizer.weight_decay must be >= 0")
+        if not 0.0 <= s.warmup_ratio <= 1.0:
+            raise ValueError(f"lr_scheduler.warmup_ratio must be in [0, 1], got {s.warmup_ratio}")
+        if s.warmup_steps is not None and s.warmup_steps < 0:
+            raise ValueError(f"lr_scheduler.warmup_steps must be >= 0, got {s.warmup_steps}")
+        if t.steps > 0 and self.warmup_steps() > t.steps:
+            raise ValueError(
+                f"lr_scheduler.warmup_steps ({self.warmup_steps()}) exceeds training.steps ({t.steps})"
+            )
+        if not 0.0 <= s.min_lr_ratio <= 1.0:
+            raise ValueError(f"lr_scheduler.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+        if self.data.max_seq_len <= 0:
+            raise ValueError(f"data.max_seq_len must be > 0, got {self.data.max_seq_len}")
+        if self.data.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
+        if self.model.image_aspect_ratio == "anyres":
+            if not self.model.grid_pinpoints:
+                raise ValueError("model.grid_pinpoints must not be empty for image_aspect_ratio anyres")
+            for w, h in self.model.grid_pinpoints:
+                if w <= 0 or h <= 0 or w % 336 or h % 336:
+                    raise ValueError(
+                        f"model.grid_pinpoints entry {(w, h)} is not a positive multiple of 336"
+                    )
+        ac = self.activation_checkpoint
+        if ac.mode == "selective" and ac.selective_ac_option != "op":
+            if not (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0):
+                raise ValueError(
+                    "activation_checkpoint.selective_ac_option must be 'op' or a positive integer, "
+                    f"got {ac.selective_ac_option!r}"
+                )
+        bad = [c for c in self.compile.components if c not in ("llm", "vision")]
+        if bad:
+            raise ValueError(f"compile.components may hold 'llm' and 'vision', got {bad}")
+        c = self.checkpoint
+        if c.interval <= 0:
+            raise ValueError(f"checkpoint.interval must be > 0, got {c.interval}")
+        if c.keep_latest_k < 0:
+            raise ValueError(f"checkpoint.keep_latest_k must be >= 0, got {c.keep_latest_k}")
+        if c.initial_load_in_hf and not c.initial_load_path:
+            raise ValueError("checkpoint.initial_load_in_hf needs checkpoint.initial_load_path")
+        if self.metrics.log_freq <= 0:
+            raise ValueError(f"metrics.log_freq must be > 0, got {self.metrics.log_freq}")
+        from titan_llava.models.args import LLAVA_FLAVORS
+
+        if not c.initial_load_in_hf and self.model.flavor not in LLAVA_FLAVORS:
+            raise ValueError(
+                f"model.flavor {self.model.flavor!r} is not one of {sorted(LLAVA_FLAVORS)}"
+                f"{suggest(self.model.flavor, LLAVA_FLAVORS)}"
+            )
+
+    def validate_paths(self) -> None:
+        """Check that the input files exist; the error names the config key."""
+        checks = [
+            ("model.tokenizer_path", self.model.tokenizer_path, os.path.isfile),
+            ("data.path", self.data.path, os.path.isfile),
+        ]
+        if self.data.image_folder is not None:
+            checks.append(("data.image_folder", self.data.image_folder, os.path.isdir))
+        if self.checkpoint.initial_load_path:
+            for part in self.checkpoint.initial_load_path.split(","):
+                checks.append(("checkpoint.initial_load_path", part.strip(), os.path.isdir))
+        for key, path, exists in checks:
+            if not exists(path):
+                kind = "directory" if exists is os.path.isdir else "file"
+                raise ValueError(f"{key}: {kind} {path!r} does not exist")
+
+
+def load_config(argv: list[str] | None = None) -> JobConfig:
+    """defaults < job.config_file (TOML or JSON) < CLI. Does not validate (call validate())."""
+    cli = parse_cli(list(sys.argv[1:] if argv is None else argv))
+    config_file = cli.get("job", {}).get("config_file")
+    raw: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    return JobConfig.from_dict(raw, source=config_file or "defaults", cli=cli)
