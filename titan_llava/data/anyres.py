@@ -1,4 +1,4 @@
-"""AnyRes geometry (LLaVA-NeXT): best-resolution choice, tile grid, unpadding and image-token counts.
+"""AnyRes (LLaVA-NeXT): best-resolution choice, tile grid, unpadding, image-token counts, pixel tiles.
 
 The pure-geometry functions here are shared by the data pipeline (which must know each sample's
 exact length before the model runs) and by the model (which packs the features the same way).
@@ -7,7 +7,13 @@ Sizes are always (width, height), as in PIL and in the LLaVA reference.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
 
 # The LLaVA-NeXT recipe's pinpoints, (width, height): grids [[1,2],[2,1],[2,2],[3,1],[1,3]] x 336.
 LLAVA_NEXT_GRID_PINPOINTS: list[tuple[int, int]] = [
@@ -119,3 +125,130 @@ def num_tiles(
         grid_pinpoints = LLAVA_NEXT_GRID_PINPOINTS
     rows, cols = anyres_grid_shape(size, grid_pinpoints, tile_size)
     return 1 + rows * cols
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel ops: PIL resizes exactly as the reference does; everything after the resize is one
+# vectorised pass over the uint8 canvas (no per-tile PIL or per-tile normalisation calls).
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """float32 [3, 256] table of CLIP-normalised values for each uint8 level of each channel.
+
+    Computed with the reference's arithmetic (x * (1/255) in float64, rounded to float32, then
+    (x - mean) / std in float32), so a table lookup gives bit-identical values to the reference's
+    per-tile CLIP normalisation, at the cost of one gather.
+    """
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 channels, got mean={mean} std={std}")
+    levels = (torch.arange(256, dtype=torch.float64) * (1.0 / 255.0)).to(torch.float32)
+    mean_C1 = torch.tensor(mean, dtype=torch.float32)[:, None]
+    std_C1 = torch.tensor(std, dtype=torch.float32)[:, None]
+    return ((levels[None, :] - mean_C1) / std_C1).contiguous()
+
+
+def _uint8_hwc(image: Image.Image) -> torch.Tensor:
+    """uint8 [H, W, 3] tensor over a (writable) numpy copy of the RGB image's pixel buffer."""
+    assert image.mode == "RGB", image.mode
+    return torch.from_numpy(np.array(image))
+
+
+def _normalize_into(out_NCHW: torch.Tensor, pixels_NHWC: torch.Tensor, lut_C256: torch.Tensor) -> None:
+    """Write CLIP-normalised float32 values of uint8 `pixels_NHWC` into `out_NCHW` (any strides)."""
+    for c in range(3):
+        # index_select on the flat channel table; the int32 index tensor is the only temporary.
+        idx = pixels_NHWC[..., c].to(torch.int32)
+        out_NCHW[:, c].copy_(lut_C256[c].index_select(0, idx.reshape(-1)).view(idx.shape))
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Letterbox `image` onto a black RGB canvas of `target` (width, height), as the reference does.
+
+    The limiting side gets exactly its target; the other side is min(ceil(side * scale), target).
+    PIL's default resize filter (bicubic) is used, then the resize is pasted at ((target - new) // 2).
+    """
+    width, height = image.size
+    target_w, target_h = target
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.ceil(height * scale_w), target_h)
+    else:
+        new_w, new_h = min(math.ceil(width * scale_h), target_w), target_h
+    resized = image.resize((new_w, new_h))
+    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(resized, ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    return canvas
+
+
+def process_anyres_image(
+    image: Image.Image,
+    grid_pinpoints: Sequence[Sequence[int]] | None = None,
+    tile_size: int = 336,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """AnyRes tiles of one image: float32 [1 + rows*cols, 3, tile, tile], base (whole image) first.
+
+    The tiles come row-major from the letterboxed canvas at the best grid resolution; all values are
+    CLIP-normalised, (x / 255 - mean) / std.
+    """
+    if grid_pinpoints is None:
+        grid_pinpoints = LLAVA_NEXT_GRID_PINPOINTS
+    image = _as_rgb(image)
+    rows, cols = anyres_grid_shape(image.size, grid_pinpoints, tile_size)
+    canvas = resize_and_pad(image, (cols * tile_size, rows * tile_size))
+    # The base view ignores the aspect ratio on purpose (the reference squashes the whole image).
+    base = image.resize((tile_size, tile_size))
+    lut_C256 = _normalize_lut(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+    t = tile_size
+    out_NCHW = torch.empty(1 + rows * cols, 3, t, t, dtype=torch.float32)
+    _normalize_into(out_NCHW[:1], _uint8_hwc(base)[None], lut_C256)
+    # [rows*t, cols*t, 3] -> [rows, cols, t, t, 3] as a view; the gather writes tiles in row-major order.
+    canvas_HWC = _uint8_hwc(canvas)
+    tiles_NHWC = canvas_HWC.view(rows, t, cols, t, 3).permute(0, 2, 1, 3, 4).reshape(rows * cols, t, t, 3)
+    _normalize_into(out_NCHW[1:], tiles_NHWC, lut_C256)
+    return out_NCHW
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad the short side symmetrically (extra pixel at the end) with `fill`: the reference's expand2square."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def process_image(
+    image: Image.Image,
+    aspect_ratio: str = "anyres",
+    grid_pinpoints: Sequence[Sequence[int]] | None = None,
+    tile_size: int = 336,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """Tiles for one image under `aspect_ratio`: "anyres" -> [1+n, 3, t, t]; "pad"/"resize" -> [1, 3, t, t].
+
+    "pad" squares the image with the mean colour (reference expand2square) before resizing to the tile;
+    "resize" resizes to the tile ignoring the aspect ratio.
+    """
+    if aspect_ratio == "anyres":
+        return process_anyres_image(image, grid_pinpoints, tile_size, mean, std)
+    if aspect_ratio not in ("pad", "resize"):
+        raise ValueError(f"unknown image aspect ratio mode {aspect_ratio!r} (anyres | pad | resize)")
+    image = _as_rgb(image)
+    if aspect_ratio == "pad":
+        image = expand_to_square(image, tuple(int(x * 255) for x in mean))
+    tile = image.resize((tile_size, tile_size))
+    lut_C256 = _normalize_lut(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    out_NCHW = torch.empty(1, 3, tile_size, tile_size, dtype=torch.float32)
+    _normalize_into(out_NCHW, _uint8_hwc(tile)[None], lut_C256)
+    return out_NCHW
