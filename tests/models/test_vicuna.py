@@ -1,0 +1,82 @@
+"""Vicuna logits vs transformers' LlamaForCausalLM (fp32, tiny random configs)."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from tests.models.hf_reference import convert, llama_body_key, llama_config, randomize_
+from titan_llava.models.args import VicunaArgs
+from titan_llava.models.vicuna import Vicuna
+
+
+def _pair(args: VicunaArgs) -> tuple[Vicuna, LlamaForCausalLM]:
+    hf = LlamaForCausalLM(llama_config(args)).eval()
+    hf.config._attn_implementation = "eager"  # the plain-math reference path
+    randomize_(hf)
+    ours = Vicuna(args)
+    sd = convert(
+        hf.state_dict(),
+        lambda k: "output.weight" if k == "lm_head.weight" else llama_body_key(k.removeprefix("model.")),
+    )
+    missing, unexpected = ours.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected
+    return ours.eval(), hf
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        VicunaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, hidden_dim=172, max_seq_len=256),
+        # GQA and a non-default theta/eps, so neither can be silently hard-coded.
+        VicunaArgs(
+            dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=96,
+            norm_eps=1e-6, rope_theta=5000.0, max_seq_len=256,
+        ),
+    ],
+    ids=["mha", "gqa"],
+)
+def test_logits_match_llama(args: VicunaArgs) -> None:
+    ours, hf = _pair(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 37))
+    with torch.no_grad():
+        ref = hf(input_ids=tokens).logits
+        got = ours(tokens)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4
+    # From embeddings is the same computation.
+    with torch.no_grad():
+        got_h = ours(h_BSD=ours.tok_embeddings(tokens))
+    assert torch.equal(got_h, got)
+
+
+def test_logits_match_llama_with_positions() -> None:
+    args = VicunaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, hidden_dim=172, max_seq_len=256)
+    ours, hf = _pair(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 30))
+    # Row 0: offset positions; row 1: restarts (as in a packed row, but plain causal attention).
+    positions = torch.stack(
+        [torch.arange(30) + 101, torch.cat([torch.arange(12), torch.arange(18)])]
+    )
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, position_ids=positions).logits
+        got = ours(tokens, positions=positions)
+        default = ours(tokens)
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert (got - default).abs().max().item() > 1e-3  # positions really reach RoPE
+
+
+def test_forward_argument_errors() -> None:
+    ours = Vicuna(VicunaArgs(dim=32, n_layers=1, n_heads=2, vocab_size=16, hidden_dim=32))
+    with pytest.raises(ValueError, match="exactly one"):
+        ours()
+    with pytest.raises(ValueError, match="exactly one"):
+        ours(torch.zeros(1, 2, dtype=torch.long), h_BSD=torch.zeros(1, 2, 32))
+    with pytest.raises(ValueError, match="attn_backend"):
+        Vicuna(VicunaArgs(dim=32, n_layers=1, n_heads=2, vocab_size=16, hidden_dim=32), "xformers")
+
+
+def test_bad_args_raise() -> None:
+    with pytest.raises(ValueError, match="n_heads"):
+        VicunaArgs(dim=30, n_heads=4)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        VicunaArgs(dim=64, n_heads=4, n_kv_heads=3)
