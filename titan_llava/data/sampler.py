@@ -139,6 +139,8 @@ class DistributedSampleSampler(BaseNode[SampleRef]):
         self.modality_lengths = modality_lengths
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size
+        # Where reset(None) starts: the beginning, or the resume point the loader sets.
+        self.start_state: dict[str, Any] | None = None
         self.epoch = 0
         self.position = 0
         self._indices: np.ndarray | None = None
@@ -168,11 +170,12 @@ class DistributedSampleSampler(BaseNode[SampleRef]):
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
-        if initial_state is None:
+        state = initial_state if initial_state is not None else self.start_state
+        if state is None:
             self.epoch, self.position = 0, 0
         else:
-            self.epoch = int(initial_state[self.EPOCH_KEY])
-            self.position = int(initial_state[self.POSITION_KEY])
+            self.epoch = int(state[self.EPOCH_KEY])
+            self.position = int(state[self.POSITION_KEY])
 
     def next(self) -> SampleRef:
         indices = self.epoch_indices(self.epoch)

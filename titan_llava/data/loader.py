@@ -1,0 +1,228 @@
+"""build_data_loader: the stateful torchdata.nodes pipeline from a LLaVA file to Batches.
+
+sampler -> ParallelMapper(SampleProcessor) -> Packer -> [Prefetcher] -> [PinMemory] -> Loader.
+The loader's state is the Packer's state as of the last batch handed out (no tensors), keyed by
+DP rank as TorchTitan does, so DCP saves one entry per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torchdata.nodes import BaseNode, Loader, ParallelMapper, PinMemory, Prefetcher
+
+from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS
+from titan_llava.data.batch import Batch
+from titan_llava.data.dataset import LlavaDataset
+from titan_llava.data.errors import BadSampleError
+from titan_llava.data.packing import Packer
+from titan_llava.data.processing import ProcessingConfig, SampleProcessor
+from titan_llava.data.sampler import DistributedSampleSampler
+from titan_llava.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+WORLD_SIZE_KEY = "dp_world_size"
+
+
+class LlavaDataLoader:
+    """Stateful iterable of Batch (infinite; epochs wrap). Iterate once: `it = iter(loader)`.
+
+    state_dict() -> {"dp_rank_<r>": bytes (JSON of the pipeline state), "dp_world_size": W}.
+    load_state_dict() before iter() resumes exactly after the last batch of the saved run.
+    counters() -> per-reason skip counts ("skipped/<reason>") and events ("truncated",
+    "truncated_image_dropped", "tokenization_mismatch", "samples", "batches"), consistent with the
+    batches handed out so far (they are part of the state, so they survive resume).
+    """
+
+    def __init__(
+        self,
+        root: BaseNode,
+        packer: Packer,
+        dp_rank: int,
+        dp_world_size: int,
+        fingerprint: dict[str, Any],
+    ):
+        self._loader = Loader(root, restart_on_stop_iteration=False)
+        self._packer = packer
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.fingerprint = fingerprint
+        self._state: dict[str, Any] | None = None  # pipeline state after the last handed-out batch
+        self._iter: Iterator | None = None
+
+    @property
+    def _rank_key(self) -> str:
+        return f"dp_rank_{self.dp_rank}"
+
+    def __iter__(self) -> "LlavaDataLoader":
+        if self._iter is None:
+            self._packer.start_state = self._state
+            self._iter = iter(self._loader)
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iter is None:
+            iter(self)
+        batch, state, error = next(self._iter)
+        if error is not None:
+            reason, detail, sample_id = error
+            raise BadSampleError(reason, detail, sample_id)
+        self._state = state
+        return batch
+
+    def pipeline_state(self) -> dict[str, Any]:
+        """Plain-dict state (sampler position, buffered sample refs, counters, fingerprint)."""
+        state = self._state
+        if state is None:
+            state = {"sampler": {"epoch": 0, "position": 0}, "buffer": [], "counters": {}}
+        return {**state, "fingerprint": self.fingerprint}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            self._rank_key: json.dumps(self.pipeline_state(), sort_keys=True).encode(),
+            WORLD_SIZE_KEY: self.dp_world_size,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_world = state_dict.get(WORLD_SIZE_KEY)
+        if saved_world != self.dp_world_size:
+            raise ValueError(
+                f"the dataloader state was saved with dp_world_size={saved_world}, this run has "
+                f"dp_world_size={self.dp_world_size}: each DP rank's data position and packing buffer "
+                "cannot be re-sharded exactly. Resume with the same data-parallel degree, or start "
+                "the data order afresh by not loading the dataloader state."
+            )
+        if self._rank_key not in state_dict:
+            raise ValueError(f"the dataloader state has no entry {self._rank_key!r}")
+        raw = state_dict[self._rank_key]
+        state = json.loads(bytes(raw).decode() if not isinstance(raw, str) else raw)
+        saved = state.pop("fingerprint", {})
+        changed = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"the dataloader state does not match this data configuration ({detail}); the saved "
+                "position is meaningless for a different order. Restore the settings, or do not load "
+                "the dataloader state."
+            )
+        if self._iter is not None:
+            raise RuntimeError("load_state_dict must be called before iterating the loader")
+        self._state = state
+
+    def close(self) -> None:
+        """Stop the background threads/processes now (from this thread), e.g. at the end of a run.
+
+        Without it they stop when garbage collected, which may happen on one of their own threads.
+        """
+        node = self._loader.root
+        while node is not None:
+            it = getattr(node, "_it", None)
+            for obj in (it, getattr(it, "_it", None)):
+                if obj is not None and hasattr(obj, "_shutdown"):
+                    obj._shutdown()
+            node = getattr(node, "source", None)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.pipeline_state()["counters"])
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples per reason (the "skipped/" counters without their prefix)."""
+        return {k.split("/", 1)[1]: v for k, v in self.counters().items() if k.startswith("skipped/")}
+
+
+def build_data_loader(
+    path: str,
+    image_folder: str | None,
+    tokenizer: Tokenizer | str,
+    template: str,
+    max_seq_len: int,
+    local_batch_size: int,
+    *,
+    packing: bool = False,
+    shuffle: bool = True,
+    seed: int = 0,
+    group_by_modality_length: bool = False,
+    global_batch_size: int | None = None,
+    image_aspect_ratio: str = "anyres",
+    grid_pinpoints: Sequence[Sequence[int]] | None = None,
+    image_size: int = 336,
+    patch_size: int = 14,
+    num_workers: int = 0,
+    worker_method: Literal["thread", "process"] = "thread",
+    prefetch: int = 2,
+    pin_memory: bool = False,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+    strict: bool = False,
+    dataset: LlavaDataset | None = None,
+) -> LlavaDataLoader:
+    """The training data loader for one DP rank (see LlavaDataLoader for state and counters).
+
+    `image_size`/`patch_size`: the vision tower's tile and patch (token counts depend on them).
+    `global_batch_size` (samples per optimizer step over all ranks) sets the modality-grouping
+    megabatch, as the reference does; default local_batch_size * dp_world_size. `num_workers` 0
+    processes samples in the loader's thread; otherwise in threads (default) or processes.
+    `dataset` reuses an already built index of `path`.
+    """
+    if max_seq_len <= 0 or local_batch_size <= 0:
+        raise ValueError("data.max_seq_len and training.local_batch_size must be positive")
+    if num_workers < 0 or prefetch < 0:
+        raise ValueError("data.num_workers and prefetch must be >= 0")
+    if isinstance(tokenizer, str):
+        tokenizer = Tokenizer(tokenizer)
+    if dataset is None:
+        dataset = LlavaDataset(path)
+    pinpoints = tuple(tuple(int(v) for v in p) for p in (grid_pinpoints or LLAVA_NEXT_GRID_PINPOINTS))
+    config = ProcessingConfig(
+        image_folder=image_folder,
+        template=template,
+        max_seq_len=max_seq_len,
+        image_aspect_ratio=image_aspect_ratio,
+        grid_pinpoints=pinpoints,
+        tile_size=image_size,
+        patch_size=patch_size,
+    )
+    processor = SampleProcessor(dataset, tokenizer, config)
+    sampler = DistributedSampleSampler(
+        len(dataset),
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        shuffle=shuffle,
+        seed=seed,
+        modality_lengths=dataset.modality_lengths if group_by_modality_length else None,
+        batch_size=local_batch_size,
+        global_batch_size=global_batch_size,
+    )
+    node: BaseNode = ParallelMapper(
+        sampler, processor, num_workers=num_workers, in_order=True, method=worker_method
+    )
+    packer = Packer(
+        node,
+        sampler,
+        processor,
+        batch_size=local_batch_size,
+        max_seq_len=max_seq_len,
+        pad_id=tokenizer.pad_id,
+        packing=packing,
+        strict=strict,
+    )
+    node = packer
+    if prefetch > 0:
+        node = Prefetcher(node, prefetch_factor=prefetch)
+    if pin_memory and torch.cuda.is_available():
+        node = PinMemory(node)
+    fingerprint = {
+        "num_samples": len(dataset),
+        "seed": seed,
+        "shuffle": shuffle,
+        "group_by_modality_length": group_by_modality_length,
+        "global_batch_size": sampler.global_batch_size,
+        "local_batch_size": local_batch_size,
+        "packing": packing,
+        "max_seq_len": max_seq_len,
+    }
+    return LlavaDataLoader(node, packer, dp_rank, dp_world_size, fingerprint)
