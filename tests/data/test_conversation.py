@@ -380,3 +380,33 @@ def test_input_not_mutated(tok):
     tokenize_conversation(conversations, tok, "vicuna_v1", True)
     tokenize_conversation(conversations, tok, "plain", True)
     assert conversations == before
+
+
+def _random_conversation(rng, with_image: bool) -> list[dict]:
+    atoms = ["the", "cat", "ASSISTANT", "USER", ":", " ", "  ", "\n", "\t", "7", "2024", "3.5", "é", "世界",
+             "🙂", ",", ".", "?", "\"", "Hello", "A", "B", "-", "Ω", "x"]
+    rare = ["</s>", "ASSISTANT: ", " ASSISTANT: "]  # provoke the reference's mismatch now and then
+    turns = []
+    for _ in range(2 * int(rng.integers(1, 4))):
+        words = [rare[int(rng.integers(0, len(rare)))] if rng.random() < 0.02 else atoms[int(i)]
+                 for i in rng.integers(0, len(atoms), size=int(rng.integers(1, 9)))]
+        turns.append("".join(words) + "z")  # never whitespace-only
+    if with_image:
+        i = int(rng.integers(0, len(turns) // 2)) * 2
+        pos = int(rng.integers(0, len(turns[i]) + 1))
+        turns[i] = turns[i][:pos] + "<image>" + turns[i][pos:]
+    return conv(*turns)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_conversations_match_reference(tok, seed):
+    # Random separators, `</s>`, digits, unicode and whitespace in every position, ten samples a seed.
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for k in range(10):
+        has_image = bool(k % 2)
+        conversations = _random_conversation(rng, has_image)
+        _check_against_reference(tok, conversations, "vicuna_v1", has_image)
+        if has_image and "<image>" in conversations[0]["value"]:
+            _check_against_reference(tok, conversations[:2], "plain", True)
