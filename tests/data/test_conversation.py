@@ -353,6 +353,22 @@ def test_malformed_vicuna_raises(tok, conversations, match):
     assert err.value.reason == "bad_conversation"
 
 
+def test_image_in_dropped_leading_gpt_turn_raises(tok):
+    # The reference would silently lose that image; the dataset counts it, so refuse the sample.
+    with pytest.raises(BadSampleError, match="leading gpt turn"):
+        tokenize_conversation(conv("<image>\nHi.", "Describe.", "A cat.", first="gpt"), tok, "vicuna_v1",
+                              True)
+    ids, _ = tokenize_conversation(conv("<image>\nHi.", "Describe.", "A cat.", first="gpt"), tok,
+                                   "vicuna_v1", False)
+    assert IMAGE_TOKEN_INDEX not in ids
+
+
+def test_dangling_human_turn_is_all_masked_in_reference(tok):
+    # Why we refuse it: the reference's own length check fails, so it would learn nothing from it.
+    _, ref_labels, ref_mismatches = reference(conv("q", "a", "q2"), "vicuna_v1", False)
+    assert ref_mismatches == 1 and set(ref_labels) == {IGNORE_INDEX}
+
+
 @pytest.mark.parametrize(
     "conversations, has_image, match",
     [

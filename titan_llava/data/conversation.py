@@ -58,7 +58,11 @@ def _validated_turns(conversations: Any) -> list[tuple[str, str]]:
 
 
 def count_image_markers(conversations: Conversation) -> int:
-    """Number of `<image>` markers in the sample's text; the dataset compares it with its image count."""
+    """Number of `<image>` markers in the sample's text; the dataset compares it with its image count.
+
+    For an image sample that tokenize_conversation accepts, its input_ids hold exactly this many
+    IMAGE_TOKEN_INDEX placeholders, in the order the markers appear in the conversation.
+    """
     return sum(value.count(IMAGE_MARKER) for _, value in _validated_turns(conversations))
 
 
@@ -124,6 +128,9 @@ def _tokenize_vicuna_v1(
     sample_id: str | None,
 ) -> tuple[list[int], list[int]]:
     if turns[0][0] != HUMAN_ROLE:
+        if has_image and IMAGE_MARKER in turns[0][1]:
+            # Dropping it would silently drop an image the dataset counted.
+            raise _bad("the leading gpt turn, which vicuna_v1 drops, holds an <image> marker")
         turns = turns[1:]  # the reference drops a leading gpt turn (and only one)
     if not turns:
         raise _bad("no turns left after dropping the leading gpt turn")
@@ -210,5 +217,12 @@ def tokenize_conversation(
     if has_image:
         turns = [(role, move_image_markers(value)) for role, value in turns]
     if template == "plain":
-        return _tokenize_plain(turns, tokenizer, has_image)
-    return _tokenize_vicuna_v1(turns, tokenizer, has_image, stats, max_length, sample_id)
+        input_ids, labels = _tokenize_plain(turns, tokenizer, has_image)
+    else:
+        input_ids, labels = _tokenize_vicuna_v1(
+            turns, tokenizer, has_image, stats, max_length, sample_id
+        )
+    # The pipeline pairs placeholders with images by count_image_markers(); they must agree.
+    expected = sum(value.count(IMAGE_MARKER) for _, value in turns) if has_image else 0
+    assert input_ids.count(IMAGE_TOKEN_INDEX) == expected, (input_ids.count(IMAGE_TOKEN_INDEX), expected)
+    return input_ids, labels
