@@ -1,0 +1,144 @@
+"""FLOP model vs hand counts and vs torch's FlopCounterMode on the debug LLaVA (forward + backward
+with each stage's frozen parts); MFU peak table; MetricsLogger records."""
+
+import copy
+import dataclasses
+import io
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from titan_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from titan_llava.data.anyres import num_image_tokens, num_tiles
+from titan_llava.flops import (
+    document_lengths,
+    llm_flops,
+    peak_flops,
+    projector_flops,
+    step_flops,
+    vision_flops,
+)
+from titan_llava.metrics import MetricsLogger
+from titan_llava.models.args import LLAVA_FLAVORS, CLIPVisionArgs, VicunaArgs
+from titan_llava.models.llava import LlavaNext
+from titan_llava.optim import set_trainable
+
+
+def test_llm_hand_count():
+    a = VicunaArgs(dim=8, n_layers=1, n_heads=2, vocab_size=10, hidden_dim=12, max_seq_len=16)
+    # block: wq, wk, wv, wo 4*64 + ffn 3*8*12 = 544; head 8*10 = 80; 5 tokens -> 2*5*624 = 6240.
+    # causal pairs 3*4/2 + 2*3/2 = 9 -> attention 4*8*9 = 288 (full: 9 + 4 = 13 pairs -> 416).
+    docs = [3, 2]
+    assert llm_flops(a, docs, trainable=False, needs_input_grad=False) == 6240 + 288
+    assert llm_flops(a, docs, trainable=False, needs_input_grad=True) == 2 * 6240 + 3 * 288
+    assert llm_flops(a, docs, trainable=True, needs_input_grad=True) == 3 * 6240 + 3 * 288
+    assert llm_flops(a, docs, False, False, causal_halved=False) == 6240 + 416
+    assert llm_flops(a, [], True, True) == 0.0
+
+
+def test_vision_and_projector_hand_count():
+    v = CLIPVisionArgs(image_size=28, patch_size=14, dim=4, n_layers=3, n_heads=2, hidden_dim=8)
+    # 2 built layers, 4 patches, 5 tokens. patch embed 2*4*(3*196*4) = 18816; block matmuls
+    # 2*5*(4*16 + 2*4*8) = 1280; attention 4*4*25 = 400.
+    assert vision_flops(v, 1, trainable=False) == 18816 + 2 * (1280 + 400)
+    assert vision_flops(v, 1, trainable=True) == 2 * 18816 + 2 * 3 * (1280 + 400)
+    assert vision_flops(v, 3, trainable=False) == 3 * (18816 + 2 * (1280 + 400))
+    # fc1 2*4*4*8 = 256, fc2 2*4*8*8 = 512.
+    assert projector_flops(4, 8, 4, 1, trainable=False, vision_trainable=False) == 768
+    assert projector_flops(4, 8, 4, 1, trainable=True, vision_trainable=False) == 2 * 256 + 3 * 512
+    assert projector_flops(4, 8, 4, 1, trainable=True, vision_trainable=True) == 3 * 768
+
+
+def _measured(args, trainable, sizes, text_len=5):
+    """FlopCounterMode total for forward + backward of one row (math SDPA so attention is counted;
+    it computes the full L^2 causal scores -> compare with causal_halved=False)."""
+    model = LlavaNext(args)
+    set_trainable(model, trainable)
+    ids = [1] + list(range(3, 3 + text_len))
+    for s in sizes:
+        ids += [IMAGE_TOKEN_INDEX] * num_image_tokens(s, args.grid_pinpoints,
+                                                     aspect_ratio=args.image_aspect_ratio)
+        ids += [7, 8]
+    ids = torch.tensor([ids])
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+    n_tiles = sum(num_tiles(s, args.grid_pinpoints, aspect_ratio=args.image_aspect_ratio)
+                  for s in sizes)
+    pixels = torch.randn(n_tiles, 3, 336, 336) if sizes else None
+    image_sizes = torch.tensor(sizes) if sizes else None
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logits = model(ids, pixels, image_sizes)
+        torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:]).backward()
+    return counter.get_total_flops(), ids.shape[1], n_tiles
+
+
+@pytest.mark.parametrize("trainable, sizes, aspect", [
+    (["projector"], [(1000, 200)], "anyres"),  # stage 1: vision 1x, LLM backprop for activations
+    (["projector", "llm", "vision"], [(200, 300), (336, 336)], "pad"),  # stage 2
+    (["llm"], [(200, 300)], "pad"),
+    (["vision"], [(200, 300)], "pad"),
+    (["projector", "llm", "vision"], [], "pad"),  # text-only
+    (["projector"], [], "pad"),  # text-only with a frozen LLM: nothing backpropagates
+])
+def test_matches_flop_counter(trainable, sizes, aspect):
+    args = dataclasses.replace(copy.deepcopy(LLAVA_FLAVORS["debug"]), image_aspect_ratio=aspect)
+    if not sizes and trainable == ["projector"]:
+        # The loss then has no grad_fn at all: FLOPs are the forward only.
+        model = LlavaNext(args)
+        set_trainable(model, trainable)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(torch.tensor([[1, 5, 6, 7]]))
+        measured, seq, n_tiles = counter.get_total_flops(), 4, 0
+    else:
+        measured, seq, n_tiles = _measured(args, trainable, sizes)
+    model_flops = step_flops(args, [seq], n_tiles, trainable, causal_halved=False)
+    assert model_flops.total == measured
+    halved = step_flops(args, [seq], n_tiles, trainable)
+    assert halved.llm < model_flops.llm and halved.vision == model_flops.vision
+
+
+def test_document_lengths():
+    ids = torch.tensor([[1, 5, -200, 6, 0, 0], [1, 2, 3, 4, 5, 6]])
+    assert document_lengths(ids, pad_id=0) == [4, 6]
+    docs = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    ids = torch.tensor([[1, 5, 1, 6, 7, 0], [1, 2, 3, 4, 0, 0]])
+    assert document_lengths(ids, 0, docs) == [2, 3, 4]  # pad-only documents dropped
+
+
+def test_peak_flops_cpu_is_none():
+    assert peak_flops("cpu") is None
+
+
+def test_metrics_logger(tmp_path):
+    out = io.StringIO()
+    ml = MetricsLogger(str(tmp_path), total_steps=100, world_size=2, peak_flops_per_device=1e12,
+                       stream=out)
+    rec = ml.log(10, loss=2.5, grad_norm=1.5, lr=1e-3, interval_s=4.0, steps_in_interval=10,
+                 tokens=8000, text_tokens=2000, image_tokens=6000, samples=40, flops=4e12,
+                 data_wait_s=0.25, skipped={"image_missing": 2}, memory_gib=None)
+    ml.log(20, loss=2.0, grad_norm=1.0, lr=9e-4, interval_s=2.0, steps_in_interval=10, tokens=8000,
+           text_tokens=2000, image_tokens=6000, samples=40, flops=4e12, data_wait_s=0.1)
+    ml.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10, 20]
+    assert lines[0] == rec
+    assert rec["tokens_per_sec"] == 2000 and rec["tokens_per_sec_per_device"] == 1000
+    assert rec["text_tokens_per_sec"] == 500 and rec["image_tokens_per_sec"] == 1500
+    assert rec["samples_per_sec"] == 10
+    assert rec["mfu"] == 0.5  # 4e12 FLOPs / (4 s x 1e12 x 2 devices)
+    assert rec["eta_s"] == pytest.approx(90 * 0.4)
+    assert rec["skipped"] == {"image_missing": 2}
+    for key in ("step", "loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "memory_gib",
+                "data_wait_s"):
+        assert key in lines[1]
+    text = out.getvalue().splitlines()
+    assert len(text) == 2 and "step 10/100" in text[0] and "eta 0m36s" in text[0]
+    assert "skipped 2" in text[0] and "mfu 50.0%" in text[0]
+    # Other ranks write nothing.
+    other = tmp_path / "rank1"
+    MetricsLogger(str(other), total_steps=1, rank=1).log(
+        1, loss=1.0, grad_norm=1.0, lr=1.0, interval_s=1.0, steps_in_interval=1, tokens=1,
+        text_tokens=1, image_tokens=0, samples=1, flops=1.0, data_wait_s=0.0)
+    assert not other.exists()
