@@ -1,0 +1,177 @@
+"""Scan a LLaVA dataset and report counts, problems by reason and token lengths (after image expansion).
+
+python -m titan_llava.data.inspect --data-path P --image-folder F --tokenizer T --template vicuna_v1
+    [--max-seq-len 4096] [--limit N] [--config X.toml] [--decode-images]
+Image sizes come from file headers (fast); --decode-images fully decodes to also catch corrupt pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+from titan_llava.constants import IMAGE_TOKEN_INDEX
+from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS, num_image_tokens
+from titan_llava.data.conversation import tokenize_conversation
+from titan_llava.data.dataset import LlavaDataset
+from titan_llava.data.errors import BadSampleError
+from titan_llava.data.images import load_image, read_image_size
+from titan_llava.data.processing import _image_paths
+from titan_llava.data.tokenizer import Tokenizer
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+def _distribution(values: Sequence[int]) -> str:
+    if not values:
+        return "n/a"
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return (
+        f"min {arr.min():.0f}  mean {arr.mean():.1f}  p50 {p50:.0f}  p90 {p90:.0f}  "
+        f"p99 {p99:.0f}  max {arr.max():.0f}"
+    )
+
+
+def scan(
+    dataset: LlavaDataset,
+    tokenizer: Tokenizer,
+    template: str,
+    image_folder: str | None,
+    max_seq_len: int,
+    image_aspect_ratio: str = "anyres",
+    grid_pinpoints: Sequence[Sequence[int]] | None = None,
+    image_size: int = 336,
+    patch_size: int = 14,
+    limit: int | None = None,
+    decode_images: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Statistics over the first `limit` samples (all by default), as a dict (see `format_report`)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    problems: Counter = Counter()
+    events: Counter = Counter()
+    text_lens, image_lens, total_lens = [], [], []
+    num_images = text_only = 0
+    t0 = last = time.monotonic()
+    for i in range(n):
+        if progress and time.monotonic() - last > 2.0:
+            last = time.monotonic()
+            print(f"scanned {i}/{n} samples ({last - t0:.0f}s)", file=sys.stderr)
+        try:
+            record = dataset.read_record(i)
+            paths = _image_paths(record)
+            if "conversations" not in record:
+                raise BadSampleError("bad_conversation", "no 'conversations'")
+            ids, _ = tokenize_conversation(
+                record["conversations"], tokenizer, template, bool(paths), events, max_length=max_seq_len
+            )
+            markers = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+            if markers != len(paths):
+                raise BadSampleError("image_count_mismatch", f"{markers} markers, {len(paths)} images")
+            if paths and image_folder is None:
+                raise BadSampleError("image_missing", "no image folder")
+            image_tokens = 0
+            for path in paths:
+                size = load_image(image_folder, path).size if decode_images else read_image_size(image_folder, path)
+                image_tokens += num_image_tokens(size, grid_pinpoints, image_size, patch_size, image_aspect_ratio)
+        except BadSampleError as e:
+            problems[e.reason] += 1
+            continue
+        num_images += len(paths)
+        text_only += not paths
+        text_lens.append(len(ids) - len(paths))
+        image_lens.append(image_tokens)
+        total_lens.append(len(ids) - len(paths) + image_tokens)
+    return {
+        "samples": n,
+        "usable": len(total_lens),
+        "images": num_images,
+        "text_only": text_only,
+        "problems": dict(problems),
+        "tokenization_mismatch": events["tokenization_mismatch"],
+        "text": text_lens,
+        "image": [x for x in image_lens if x],
+        "total": total_lens,
+        "over_max_seq_len": sum(1 for x in total_lens if x > max_seq_len),
+        "max_seq_len": max_seq_len,
+    }
+
+
+def format_report(stats: dict[str, Any]) -> str:
+    lines = [
+        f"samples: {stats['samples']}  usable: {stats['usable']}  images: {stats['images']}  "
+        f"text-only samples: {stats['text_only']}",
+        "problems: " + (", ".join(f"{k}={v}" for k, v in sorted(stats["problems"].items())) or "none"),
+        f"tokenization mismatches (whole sample masked): {stats['tokenization_mismatch']}",
+        f"text tokens:  {_distribution(stats['text'])}",
+        f"image tokens (samples with images): {_distribution(stats['image'])}",
+        f"total tokens: {_distribution(stats['total'])}",
+        f"longer than max_seq_len {stats['max_seq_len']} (truncated): {stats['over_max_seq_len']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m titan_llava.data.inspect", description=__doc__)
+    parser.add_argument("--config", help="TOML config; its [data] and [model] tables give defaults")
+    parser.add_argument("--data-path")
+    parser.add_argument("--image-folder")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--template", choices=["plain", "vicuna_v1"])
+    parser.add_argument("--max-seq-len", type=int)
+    parser.add_argument("--image-aspect-ratio", choices=["anyres", "pad", "resize"])
+    parser.add_argument("--image-size", type=int, default=336, help="vision tile size (pixels)")
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--limit", type=int, help="scan only the first N samples")
+    parser.add_argument("--decode-images", action="store_true", help="fully decode every image")
+    args = parser.parse_args(argv)
+
+    data: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, "rb") as fh:
+            raw = tomllib.load(fh)
+        data, model = raw.get("data", {}), raw.get("model", {})
+    settings = {
+        "path": args.data_path or data.get("path"),
+        "image_folder": args.image_folder or data.get("image_folder"),
+        "tokenizer": args.tokenizer or model.get("tokenizer_path"),
+        "template": args.template or data.get("template"),
+        "max_seq_len": args.max_seq_len or data.get("max_seq_len", 4096),
+        "image_aspect_ratio": args.image_aspect_ratio
+        or data.get("image_aspect_ratio", model.get("image_aspect_ratio", "anyres")),
+    }
+    missing = [k for k in ("path", "tokenizer", "template") if not settings[k]]
+    if missing:
+        parser.error(f"missing settings: {', '.join(missing)} (give flags or --config)")
+    pinpoints = model.get("grid_pinpoints") or LLAVA_NEXT_GRID_PINPOINTS
+    print(f"indexing {settings['path']} ...", file=sys.stderr)
+    dataset = LlavaDataset(settings["path"], progress=True)
+    stats = scan(
+        dataset,
+        Tokenizer(settings["tokenizer"]),
+        settings["template"],
+        settings["image_folder"],
+        int(settings["max_seq_len"]),
+        settings["image_aspect_ratio"],
+        pinpoints,
+        args.image_size,
+        args.patch_size,
+        limit=args.limit,
+        decode_images=args.decode_images,
+    )
+    print(format_report(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
