@@ -55,7 +55,11 @@ def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def write_renamed(src_state: dict[str, torch.Tensor], directory: str, config: dict | None) -> str:
     """A checkpoint directory with exactly the given keys (for layouts we write ourselves)."""
     os.makedirs(directory, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in src_state.items()}, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in src_state.items()},
+        os.path.join(directory, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     if config is not None:
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f)
@@ -78,8 +82,14 @@ def hf_dirs(tmp_path_factory) -> dict[str, str]:
     clip_cfg = transformers.CLIPConfig(
         vision_config=CLIP_VISION_KW,
         text_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=100,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
         ),
         projection_dim=16,
     )
@@ -89,7 +99,9 @@ def hf_dirs(tmp_path_factory) -> dict[str, str]:
     )
     llava = transformers.LlavaNextForConditionalGeneration(llava_cfg)
     out["llava"] = _save(llava, str(root / "llava"))
-    llava.save_pretrained(str(root / "llava_sharded"), safe_serialization=True, max_shard_size="100KB")
+    llava.save_pretrained(
+        str(root / "llava_sharded"), safe_serialization=True, max_shard_size="100KB"
+    )
     out["llava_sharded"] = str(root / "llava_sharded")
     return out
 

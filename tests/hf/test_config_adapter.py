@@ -15,31 +15,62 @@ from titan_llava.hf.config_adapter import (
 
 # lmsys/vicuna-7b-v1.5 config.json (transformers 4.31 era: no rope_theta key).
 VICUNA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-    "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
-    "pad_token_id": 0, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
-    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.31.0",
-    "use_cache": True, "vocab_size": 32000,
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "pad_token_id": 0,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.31.0",
+    "use_cache": True,
+    "vocab_size": 32000,
 }
 # llava-hf/llava-v1.6-vicuna-7b-hf config.json: sparse sub-configs, HF defaults fill the rest.
 LLAVA_HF_CONFIG = {
-    "architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
+    "architectures": ["LlavaNextForConditionalGeneration"],
+    "ignore_index": -100,
     "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-    "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+    "image_token_index": 32000,
+    "model_type": "llava_next",
+    "projector_hidden_act": "gelu",
     "text_config": {
-        "_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
-        "max_position_embeddings": 4096, "model_type": "llama", "pad_token_id": 0,
-        "rms_norm_eps": 1e-05, "torch_dtype": "float16", "vocab_size": 32064,
+        "_name_or_path": "lmsys/vicuna-7b-v1.5",
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16",
+        "vocab_size": 32064,
     },
-    "tie_word_embeddings": False, "torch_dtype": "float16", "use_image_newline_parameter": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "use_image_newline_parameter": True,
     "vision_config": {
-        "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-        "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
-        "patch_size": 14, "projection_dim": 768, "vocab_size": 32000,
+        "hidden_size": 1024,
+        "image_size": 336,
+        "intermediate_size": 4096,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "patch_size": 14,
+        "projection_dim": 768,
+        "vocab_size": 32000,
     },
-    "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
 }
 
 
@@ -55,10 +86,16 @@ def _check_llm(args, hf):  # hf: a transformers LlamaConfig
 
 def _check_vision(args, hf):  # hf: a transformers CLIPVisionConfig
     assert (args.dim, args.n_layers, args.n_heads, args.hidden_dim) == (
-        hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.intermediate_size,
+        hf.hidden_size,
+        hf.num_hidden_layers,
+        hf.num_attention_heads,
+        hf.intermediate_size,
     )
     assert (args.image_size, args.patch_size, args.norm_eps, args.hidden_act) == (
-        hf.image_size, hf.patch_size, hf.layer_norm_eps, hf.hidden_act,
+        hf.image_size,
+        hf.patch_size,
+        hf.layer_norm_eps,
+        hf.hidden_act,
     )
 
 
@@ -70,8 +107,14 @@ def test_vicuna_config():
 
 def test_llama_config_sparse_and_v5_style():
     _check_llm(vicuna_args_from_hf({"model_type": "llama"}), transformers.LlamaConfig())
-    v5 = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
-          "num_key_value_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    v5 = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "head_dim": 16,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+    }
     args = vicuna_args_from_hf(v5)
     _check_llm(args, transformers.LlamaConfig(**v5))
     assert args.n_kv_heads == 2 and args.rope_theta == 5e5
@@ -99,7 +142,8 @@ def test_llava_config_defaults():
 
 
 def test_clip_configs(hf_dirs):
-    import json, os
+    import json
+    import os
 
     for kind in ("clip_vision", "clip"):
         with open(os.path.join(hf_dirs[kind], "config.json")) as f:
@@ -109,9 +153,18 @@ def test_clip_configs(hf_dirs):
         _check_vision(args, hf.vision_config if kind == "clip" else hf)
         assert args.n_built_layers == 2
     # A sparse CLIPConfig: the vision half of openai/clip-vit-large-patch14-336.
-    sparse = {"model_type": "clip", "vision_config": {"hidden_size": 1024, "image_size": 336,
-              "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-              "patch_size": 14, "projection_dim": 768}}
+    sparse = {
+        "model_type": "clip",
+        "vision_config": {
+            "hidden_size": 1024,
+            "image_size": 336,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "patch_size": 14,
+            "projection_dim": 768,
+        },
+    }
     _check_vision(clip_vision_args_from_hf(sparse), transformers.CLIPConfig(**sparse).vision_config)
 
 
@@ -134,7 +187,11 @@ def _with(cfg: dict, path: str, value) -> dict:
         ("tie_word_embeddings", True, "tie_word_embeddings"),
         ("multimodal_projector_bias", False, "multimodal_projector_bias"),
         ("text_config.rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),
-        ("text_config.rope_parameters", {"rope_type": "llama3", "factor": 8.0}, "rope_parameters.rope_type"),
+        (
+            "text_config.rope_parameters",
+            {"rope_type": "llama3", "factor": 8.0},
+            "rope_parameters.rope_type",
+        ),
         ("text_config.attention_bias", True, "attention_bias"),
         ("text_config.mlp_bias", True, "mlp_bias"),
         ("text_config.tie_word_embeddings", True, "tie_word_embeddings"),

@@ -1,4 +1,4 @@
-"""Loading tiny HF checkpoints into our LlavaNext: bit-identical tensors, round trips, reports, errors."""
+"""Tiny HF checkpoints -> our LlavaNext: bit-identical tensors, round trips, reports, errors."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def assert_matches_hf(model: torch.nn.Module, hf_state: dict, layout: str, prefi
         key = hf_to_ours(hf_key, layout)
         if key in (None, UNUSED):
             continue
-        key = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        key = key[len(prefix) :] if prefix and key.startswith(prefix) else key
         if key in ours:
             assert torch.equal(ours[key], value), hf_key
             covered.add(key)
@@ -66,7 +66,7 @@ def test_llava_hf_checkpoint_loads_bit_identical(hf_dirs, which):
 
 @pytest.mark.parametrize("layout", ["llava_hf", "llava"])
 def test_round_trip_through_transformers(hf_dirs, tmp_path, layout):
-    """ours -> HF keys -> transformers loads them with nothing missing -> our loader -> identical."""
+    """ours -> HF keys -> transformers loads them, nothing missing -> our loader -> identical."""
     src = hf_dirs["llava"]
     model = build(args_from_hf(llava_dir=src))
     load_hf_weights(model, llava_dir=src)
@@ -75,7 +75,9 @@ def test_round_trip_through_transformers(hf_dirs, tmp_path, layout):
         config = json.load(f)
     # Our model has no last vision layer / post_layernorm; transformers wants them.
     only_ours = write_renamed(exported, str(tmp_path / "ours"), config)
-    hf_model, info = type(load_hf("llava", src)).from_pretrained(only_ours, output_loading_info=True)
+    hf_model, info = type(load_hf("llava", src)).from_pretrained(
+        only_ours, output_loading_info=True
+    )
     assert not info["unexpected_keys"]
     assert all(".layers.2." in k or "post_layernorm" in k for k in info["missing_keys"])
     assert len(info["missing_keys"]) == 18  # 16 layer tensors + 2 post_layernorm
@@ -107,7 +109,8 @@ def test_llm_plus_clip_dirs(hf_dirs, clip_kind):
     report = load_hf_weights(model, llm_dir=hf_dirs["llama"], clip_dir=hf_dirs[clip_kind])
     # Stage 1: projector + image_newline start from init; everything else is loaded.
     assert sorted(report.missing) == sorted(
-        [f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")] + ["image_newline"]
+        [f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
+        + ["image_newline"]
     )
     for k in report.missing:
         assert torch.equal(model.state_dict()[k], before[k])
@@ -163,8 +166,11 @@ def test_errors(hf_dirs, tmp_path):
         load_hf_weights(build(deep), llava_dir=llava)
     # Tensors in no table: an error unless strict=False, then reported.
     state = file_state(llava)
-    odd = write_renamed({**state, "language_model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
-                        str(tmp_path / "odd"), None)
+    odd = write_renamed(
+        {**state, "language_model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
+        str(tmp_path / "odd"),
+        None,
+    )
     with pytest.raises(ValueError, match="q_proj.bias"):
         load_hf_weights(build(args), llava_dir=odd)
     report = load_hf_weights(build(args), llava_dir=odd, strict=False)
@@ -197,10 +203,14 @@ def test_vocab_rows_truncated_only_for_special_tokens(hf_dirs, tmp_path):
     }
     assert report.notes == []
     state = file_state(d)
-    assert torch.equal(model.state_dict()["language_model.output.weight"],
-                       state["language_model.lm_head.weight"][:512])
-    assert torch.equal(model.state_dict()["language_model.tok_embeddings.weight"],
-                       state["language_model.model.embed_tokens.weight"][:512])
+    assert torch.equal(
+        model.state_dict()["language_model.output.weight"],
+        state["language_model.lm_head.weight"][:512],
+    )
+    assert torch.equal(
+        model.state_dict()["language_model.tok_embeddings.weight"],
+        state["language_model.model.embed_tokens.weight"][:512],
+    )
     # A dropped row that is a normal (non-special) added token: refuse.
     d = _padded_vocab_dir(hf_dirs, tmp_path, "bad", {512: True, 513: False})
     with pytest.raises(ValueError, match="row 513"):
@@ -211,5 +221,7 @@ def test_vocab_rows_truncated_only_for_special_tokens(hf_dirs, tmp_path):
     assert len(report.notes) == 1 and "could not verify" in report.notes[0]
     # Fewer rows than the model: a shape error.
     big = args_from_hf(llava_dir=hf_dirs["llava"], vocab_size=600)
-    with pytest.raises(ValueError, match=r"(embed_tokens|lm_head).*\[512, 64\] vs model \[600, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"(embed_tokens|lm_head).*\[512, 64\] vs model \[600, 64\]"
+    ):
         load_hf_weights(build(big), llava_dir=hf_dirs["llava"])

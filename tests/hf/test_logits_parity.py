@@ -1,4 +1,4 @@
-"""End to end from disk: a tiny HF LLaVA-NeXT checkpoint -> our loader -> logits equal transformers'."""
+"""From disk: tiny HF LLaVA-NeXT checkpoint -> our loader -> logits equal transformers'."""
 
 from __future__ import annotations
 

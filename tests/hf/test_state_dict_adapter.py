@@ -14,18 +14,35 @@ def contract_keys(n_llm: int, n_vision_built: int) -> set[str]:
     keys.add("language_model.output.weight")
     for i in range(n_llm):
         for k in (
-            "attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
-            "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+            "attention_norm",
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "ffn_norm",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
         ):
             keys.add(f"language_model.layers.{i}.{k}.weight")
     keys |= {
-        "vision_tower.patch_embed.weight", "vision_tower.class_embedding",
-        "vision_tower.position_embedding.weight", "vision_tower.pre_norm.weight",
+        "vision_tower.patch_embed.weight",
+        "vision_tower.class_embedding",
+        "vision_tower.position_embedding.weight",
+        "vision_tower.pre_norm.weight",
         "vision_tower.pre_norm.bias",
     }
     for i in range(n_vision_built):
-        for m in ("norm1", "norm2", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
-                  "mlp.fc1", "mlp.fc2"):
+        for m in (
+            "norm1",
+            "norm2",
+            "attn.q_proj",
+            "attn.k_proj",
+            "attn.v_proj",
+            "attn.out_proj",
+            "mlp.fc1",
+            "mlp.fc2",
+        ):
             for p in ("weight", "bias"):
                 keys.add(f"vision_tower.layers.{i}.{m}.{p}")
     keys |= {f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
@@ -70,7 +87,10 @@ def test_newer_layout_names():
         "model.language_model.layers.0.mlp.gate_proj.weight"
     )
     assert ours_to_hf("image_newline", "llava") == "model.image_newline"
-    assert ours_to_hf("projector.linear_2.bias", "llava") == "model.multi_modal_projector.linear_2.bias"
+    assert (
+        ours_to_hf("projector.linear_2.bias", "llava")
+        == "model.multi_modal_projector.linear_2.bias"
+    )
     assert detect_layout(["model.language_model.norm.weight", "lm_head.weight"]) == "llava"
     # transformers >= 5 in-memory form of the vision tower (no `vision_model.` level) also maps.
     assert hf_to_ours("model.vision_tower.embeddings.class_embedding", "llava") == (
@@ -96,8 +116,12 @@ def test_clip_model_keys(hf_dirs):
     mapped = {k: hf_to_ours(k, "clip") for k in keys}
     assert None not in mapped.values()
     unused = {k for k, v in mapped.items() if v == UNUSED}
-    assert {"logit_scale", "text_projection.weight", "visual_projection.weight",
-            "vision_model.post_layernorm.weight"} <= unused
+    assert {
+        "logit_scale",
+        "text_projection.weight",
+        "visual_projection.weight",
+        "vision_model.post_layernorm.weight",
+    } <= unused
     assert any(k.startswith("text_model.") for k in unused)
     ours = {v for v in mapped.values() if v != UNUSED}
     assert ours == {k for k in contract_keys(0, 3) if k.startswith("vision_tower.")}

@@ -67,7 +67,9 @@ def _rope_theta(cfg: dict, where: str) -> float:
     scaling = cfg.get("rope_scaling")
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type"))
-        _require(kind == "default", "rope_scaling", scaling, "only plain RoPE is implemented", where)
+        _require(
+            kind == "default", "rope_scaling", scaling, "only plain RoPE is implemented", where
+        )
     params = cfg.get("rope_parameters")
     if params is not None:
         _require(
@@ -181,7 +183,9 @@ def llava_next_args_from_hf(cfg: dict, where: str = "llava_next config") -> Llav
     try:
         grid_pinpoints = [(int(w), int(h)) for h, w in pinpoints_hw]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: image_grid_pinpoints must be [height, width] pairs ({e})") from e
+        raise ValueError(
+            f"{where}: image_grid_pinpoints must be [height, width] pairs ({e})"
+        ) from e
     return LlavaNextArgs(
         vision=clip_vision_args_from_hf(vision_cfg, layer, where=f"{where} vision_config"),
         llm=vicuna_args_from_hf(text_cfg, where=f"{where} text_config"),

@@ -191,7 +191,9 @@ def load_hf_weights(
     bare_prefix: str | None = None
     if not is_llava:
         if len(sources) != 1 or sources[0][0] == "llava":
-            raise ValueError("a LLaVA-NeXT checkpoint or an llm_dir + clip_dir pair needs a LlavaNext model")
+            raise ValueError(
+                "a LLaVA-NeXT checkpoint or an llm_dir + clip_dir pair needs a LlavaNext model"
+            )
         bare_prefix = OUR_LLM if sources[0][0] == "llm" else OUR_VISION
 
     report = LoadReport()
@@ -200,7 +202,9 @@ def load_hf_weights(
         ckpt = SafetensorsCheckpoint(directory)
         layout = detect_layout(ckpt.keys())
         if layout not in _EXPECTED_LAYOUTS[kind]:
-            raise ValueError(f"{directory}: found a {layout!r} checkpoint where a {kind} one was expected")
+            raise ValueError(
+                f"{directory}: found a {layout!r} checkpoint where a {kind} one was expected"
+            )
         for hf_key in ckpt.keys():
             our_key = hf_to_ours(hf_key, layout)
             if our_key is None:
@@ -219,7 +223,9 @@ def load_hf_weights(
                     "does the model config match the checkpoint?"
                 )
             if target in plans:
-                raise ValueError(f"{directory}: {hf_key!r} and {plans[target].hf_key!r} both map to {target!r}")
+                raise ValueError(
+                    f"{directory}: {hf_key!r} and {plans[target].hf_key!r} both map to {target!r}"
+                )
             plans[target] = _validated_plan(ckpt, hf_key, our_key, targets[target], report)
     if report.unrecognized and strict:
         raise ValueError(

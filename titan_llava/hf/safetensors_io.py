@@ -1,7 +1,7 @@
 """Lazy reading of Hugging Face safetensors checkpoint directories (single file or sharded index).
 
-Tensors are read one at a time with `safe_open`, so loading a 7B checkpoint never holds more than one
-tensor of it in memory. Pickled `.bin` checkpoints are refused (never `torch.load`).
+Tensors are read one at a time with `safe_open`, so loading a 7B checkpoint never holds more than
+one tensor of it in memory. Pickled `.bin` checkpoints are refused (never `torch.load`).
 """
 
 from __future__ import annotations

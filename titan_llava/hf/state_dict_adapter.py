@@ -29,7 +29,7 @@ VICUNA_LAYER_KEYS: dict[str, str] = {  # ours: layers.{i}.<k>  HF: layers.{i}.<v
 # Buffers some older Llama checkpoints saved; RoPE tables are rebuilt by init_weights().
 LLAMA_HF_ONLY_LAYER_KEYS = ("self_attn.rotary_emb.inv_freq",)
 
-# --- CLIP tower <-> CLIP vision transformer (keys relative to `vision_model.`) ---------------------
+# --- CLIP tower <-> CLIP vision transformer (keys relative to `vision_model.`) ---------------
 CLIP_GLOBAL_KEYS: dict[str, str] = {
     "patch_embed.weight": "embeddings.patch_embedding.weight",
     "class_embedding": "embeddings.class_embedding",
@@ -52,7 +52,7 @@ CLIP_HF_ONLY_KEYS = ("post_layernorm.weight", "post_layernorm.bias", "embeddings
 # Parts of a full CLIPModel checkpoint that are not the vision tower (accepted, reported unused).
 CLIP_MODEL_OTHER_PREFIXES = ("text_model.", "logit_scale", "text_projection.", "visual_projection.")
 
-# --- LLaVA glue ------------------------------------------------------------------------------------
+# --- LLaVA glue ----------------------------------------------------------------------------
 PROJECTOR_KEYS = tuple(f"linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias"))
 
 # Our top-level module names inside LlavaNext.
@@ -218,17 +218,3 @@ def ours_to_hf(our_key: str, layout: str) -> str:
     if hf is None:
         raise ValueError(f"key {our_key!r} has no Hugging Face name in layout {layout!r}")
     return hf
-
-
-def part_of(our_key: str) -> str:
-    """Which model part an our-side key belongs to: 'llm', 'vision', 'projector' or 'image_newline'."""
-    for part, prefix in (
-        ("llm", OUR_LLM),
-        ("vision", OUR_VISION),
-        ("projector", OUR_PROJECTOR),
-    ):
-        if our_key.startswith(prefix):
-            return part
-    if our_key == OUR_NEWLINE:
-        return "image_newline"
-    raise ValueError(f"key {our_key!r} belongs to no LlavaNext part")
