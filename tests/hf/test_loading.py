@@ -159,6 +159,11 @@ def test_errors(hf_dirs, tmp_path):
     short.llm.n_layers = 1
     with pytest.raises(ValueError, match="layers.1.*no place in the model"):
         load_hf_weights(build(short), llava_dir=llava)
+    # A vision tower of another depth: select_layer would pick the wrong hidden state.
+    other = args_from_hf(llava_dir=llava)
+    other.vision.n_layers, other.vision.select_layer = 2, -1  # builds 2 layers, like the real args
+    with pytest.raises(ValueError, match="vision tower has 3 layers.*n_layers=2"):
+        load_hf_weights(build(other), llava_dir=llava)
     # The model has a layer the checkpoint lacks.
     deep = args_from_hf(llava_dir=llava)
     deep.llm.n_layers = 3

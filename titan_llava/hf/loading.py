@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -30,11 +31,12 @@ from titan_llava.hf.state_dict_adapter import (
     detect_layout,
     hf_to_ours,
 )
-from titan_llava.models.args import LlavaNextArgs
+from titan_llava.models.args import CLIPVisionArgs, LlavaNextArgs
 
 # Our keys whose HF tensor may carry extra vocab rows (llava-hf pads 32000 -> 32064 with <image>,
 # <pad> and alignment rows); we keep the first `vocab_size` rows.
 VOCAB_KEYS = (OUR_LLM + "tok_embeddings.weight", OUR_LLM + "output.weight")
+_VISION_LAYER_RE = re.compile(r"^vision_tower\.layers\.(\d+)\.")
 _EXPECTED_LAYOUTS = {"llava": ("llava", "llava_hf"), "llm": ("llama",), "clip": ("clip",)}
 
 
@@ -198,6 +200,7 @@ def load_hf_weights(
 
     report = LoadReport()
     plans: dict[str, _Plan] = {}
+    vision_layers: set[int] = set()
     for kind, directory in sources:
         ckpt = SafetensorsCheckpoint(directory)
         layout = detect_layout(ckpt.keys())
@@ -213,6 +216,8 @@ def load_hf_weights(
             if our_key == UNUSED:
                 report.unused.append(hf_key)
                 continue
+            if m := _VISION_LAYER_RE.match(our_key):
+                vision_layers.add(int(m.group(1)))
             target = _target_key(our_key, bare_prefix)
             if target not in model_keys:
                 if our_key.startswith(OUR_VISION + "layers."):
@@ -227,6 +232,7 @@ def load_hf_weights(
                     f"{directory}: {hf_key!r} and {plans[target].hf_key!r} both map to {target!r}"
                 )
             plans[target] = _validated_plan(ckpt, hf_key, our_key, targets[target], report)
+    _check_vision_depth(model, vision_layers)
     if report.unrecognized and strict:
         raise ValueError(
             f"{len(report.unrecognized)} checkpoint tensors match no key table, e.g. "
@@ -251,6 +257,20 @@ def load_hf_weights(
         _copy_into(targets[target], value)
         report.loaded += 1
     return report
+
+
+def _check_vision_depth(model: nn.Module, hf_layers: set[int]) -> None:
+    """select_layer counts from the end of the PRETRAINED tower, so its depth must match exactly:
+    silently taking the first layers of a deeper tower would select the wrong hidden state."""
+    tower = getattr(model, "vision_tower", model)
+    args = getattr(tower, "args", None)
+    if not hf_layers or not isinstance(args, CLIPVisionArgs):
+        return
+    if len(hf_layers) != args.n_layers:
+        raise ValueError(
+            f"the checkpoint's vision tower has {len(hf_layers)} layers but the model args say "
+            f"n_layers={args.n_layers} (select_layer={args.select_layer} counts from the end)"
+        )
 
 
 def _validated_plan(
