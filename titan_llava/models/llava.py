@@ -102,10 +102,23 @@ class LlavaNext(nn.Module):
         image_sizes: Tensor | None = None,
         positions: Tensor | None = None,
         document_ids: Tensor | None = None,
+        vision_keepalive: bool = False,
     ) -> Tensor:
         """Logits [B, S, V]. Placeholders are already expanded: image j holds exactly
         num_image_tokens(image_sizes[j]) consecutive IMAGE_TOKEN_INDEX positions, in row-major order.
+
+        vision_keepalive: `pixel_values` holds stand-in tiles for a micro-batch without images; the
+        vision tower and projector still run (so a sharded run issues the same collectives on every
+        rank, whatever the modality of each rank's micro-batch) but contribute exactly zero.
         """
+        if vision_keepalive:
+            assert image_sizes is None, "vision_keepalive takes stand-in tiles, not images"
+            assert not bool((input_ids == IMAGE_TOKEN_INDEX).any()), "keepalive batch has images"
+            h_BSD = self.language_model.tok_embeddings(input_ids)
+            unused_TPD = self.projector(self.vision_tower(pixel_values))
+            # A zero-weighted term keeps the tower in the autograd graph (gradients exactly 0).
+            h_BSD = h_BSD + 0.0 * unused_TPD.sum().to(h_BSD.dtype) * self.image_newline[0].to(h_BSD.dtype)
+            return self.language_model(h_BSD=h_BSD, positions=positions, document_ids=document_ids)
         image_mask_BS = input_ids == IMAGE_TOKEN_INDEX
         # Placeholders get a valid id for the lookup; their embeddings are overwritten below.
         tokens_BS = torch.where(image_mask_BS, torch.zeros_like(input_ids), input_ids)

@@ -1,0 +1,360 @@
+"""The training recipe: config -> process group -> data -> meta model -> parallelize -> init/load
+weights -> loop (data -> forward -> loss -> backward -> clip -> step -> log). `main()` is the entry
+point of `python -m titan_llava.train` and of `run_train.sh` (torchrun).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from titan_llava.config import JobConfig, load_config
+from titan_llava.data.batch import Batch
+from titan_llava.data.dataset import LlavaDataset
+from titan_llava.data.loader import build_data_loader
+from titan_llava.data.tokenizer import Tokenizer
+from titan_llava.distributed.parallel_dims import ParallelDims
+from titan_llava.distributed.parallelize import parallelize_llava
+from titan_llava.distributed.utils import (
+    all_reduce_scalars,
+    destroy_distributed,
+    init_distributed,
+    set_determinism,
+    setup_logging,
+)
+from titan_llava.flops import document_lengths, peak_flops, step_flops
+from titan_llava.loss import cross_entropy_sum, global_valid_tokens, normalize_loss
+from titan_llava.metrics import MetricsLogger, device_memory_gib
+from titan_llava.models.args import LLAVA_FLAVORS, LlavaNextArgs
+from titan_llava.models.llava import LlavaNext
+from titan_llava.optim import PART_PREFIXES, build_lr_scheduler, build_optimizer, part_of
+
+logger = logging.getLogger("titan_llava")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm of a step is NaN/inf; raised on every rank before the update."""
+
+
+def resolve_model_args(cfg: JobConfig) -> LlavaNextArgs:
+    """The architecture: from Hugging Face config.json files when starting from HF weights (the
+    user never repeats dimensions), else the named flavor; [model] settings apply on top."""
+    ck = cfg.checkpoint
+    if ck.initial_load_in_hf:
+        from titan_llava.hf.loading import args_from_hf
+
+        args = args_from_hf(**hf_dirs(ck.initial_load_path))
+    else:
+        args = LLAVA_FLAVORS[cfg.model.flavor]
+        args = replace(args, vision=replace(args.vision), llm=replace(args.llm))
+    return replace(
+        args,
+        attn_backend=cfg.model.attn_backend,
+        image_aspect_ratio=cfg.model.image_aspect_ratio,
+        grid_pinpoints=[tuple(p) for p in cfg.model.grid_pinpoints],
+    )
+
+
+def hf_dirs(initial_load_path: str) -> dict[str, str]:
+    """checkpoint.initial_load_path with initial_load_in_hf: one LlavaNext directory, or
+    "LLM_DIR,CLIP_DIR" (a Llama/Vicuna directory and a CLIP directory)."""
+    parts = [p.strip() for p in initial_load_path.split(",") if p.strip()]
+    if len(parts) == 1:
+        return {"llava_dir": parts[0]}
+    if len(parts) == 2:
+        return {"llm_dir": parts[0], "clip_dir": parts[1]}
+    raise ValueError(
+        "checkpoint.initial_load_path: expected one LlavaNext directory or 'LLM_DIR,CLIP_DIR', "
+        f"got {initial_load_path!r}"
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """{part: {"trainable": n, "frozen": n}} over the full (unsharded) parameter shapes."""
+    counts = {part: {"trainable": 0, "frozen": 0} for part in PART_PREFIXES}
+    for name, p in model.named_parameters():
+        counts[part_of(name)]["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
+def _single_process_env() -> None:
+    """Outside torchrun, make this process a world of one, so that a plain `python -m` run takes
+    exactly the code path (FSDP2, mixed precision, collectives) of a multi-process run."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+
+
+class Trainer:
+    """One training run. Build with a validated JobConfig; `train()` runs it to the last step."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        _single_process_env()
+        self.rank, self.world_size, self.device = init_distributed()
+        setup_logging(self.rank)
+        # Config errors must surface before any work (and on every rank alike).
+        cfg.validate(self.world_size)
+        cfg.validate_paths()
+        self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        set_determinism(cfg.job.seed)
+        if self.rank == 0:
+            path = cfg.save()
+            logger.info(f"resolved config written to {path}")
+
+        self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
+        self.model_args = resolve_model_args(cfg)
+        if self.tokenizer.vocab_size > self.model_args.llm.vocab_size:
+            raise ValueError(
+                f"model.tokenizer_path: the tokenizer has {self.tokenizer.vocab_size} pieces but the "
+                f"model's vocabulary has {self.model_args.llm.vocab_size} rows"
+            )
+
+        # Meta model -> freeze/AC/compile/FSDP from outside -> real storage -> init -> weights.
+        with torch.device("meta"):
+            model = LlavaNext(self.model_args)
+        parallelize_llava(model, self.mesh, cfg)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.init_weights()
+        self.model = model
+        self._load_initial_weights()
+        self._log_parameter_counts()
+
+        self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp_degree)
+        self.dataset = LlavaDataset(cfg.data.path)
+        self.data_loader = build_data_loader(
+            cfg.data.path,
+            cfg.data.image_folder,
+            self.tokenizer,
+            cfg.data.template,
+            cfg.data.max_seq_len,
+            cfg.training.local_batch_size,
+            packing=cfg.data.packing,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.job.seed,
+            group_by_modality_length=cfg.data.group_by_modality_length,
+            global_batch_size=cfg.training.global_batch_size,
+            image_aspect_ratio=self.model_args.image_aspect_ratio,
+            grid_pinpoints=self.model_args.grid_pinpoints,
+            image_size=self.model_args.vision.image_size,
+            patch_size=self.model_args.vision.patch_size,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            dp_rank=self.rank,
+            dp_world_size=self.dims.dp_degree,
+            strict=cfg.data.strict,
+            dataset=self.dataset,
+        )
+        self.total_steps = cfg.resolve_steps(len(self.dataset))
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.total_steps)
+        self.step = 0
+        self.metrics = MetricsLogger(
+            cfg.job.dump_folder,
+            self.total_steps,
+            rank=self.rank,
+            world_size=self.world_size,
+            peak_flops_per_device=peak_flops(self.device),
+            enable_tensorboard=cfg.metrics.enable_tensorboard,
+            tb_folder=cfg.metrics.save_tb_folder,
+            enable_wandb=cfg.metrics.enable_wandb,
+            config=cfg.to_dict(),
+        )
+        # A tile of zeros that keeps the vision tower's collectives in step on ranks whose
+        # micro-batch has no image (FSDP all-gathers must be issued by every rank).
+        v = self.model_args.vision
+        self._dummy_tile = torch.zeros(1, 3, v.image_size, v.image_size, device=self.device)
+
+    # ----- set-up helpers -----
+    def _load_initial_weights(self) -> None:
+        ck = self.cfg.checkpoint
+        if not ck.initial_load_path:
+            logger.info("no checkpoint.initial_load_path: all weights from init_weights()")
+            return
+        if not ck.initial_load_in_hf:
+            raise ValueError(
+                "checkpoint.initial_load_path: loading a DCP step folder needs the checkpoint "
+                "module (not available yet); use initial_load_in_hf = true with HF directories"
+            )
+        from titan_llava.hf.loading import load_hf_weights
+
+        report = load_hf_weights(self.model, **hf_dirs(ck.initial_load_path))
+        logger.info(f"initial weights from {ck.initial_load_path}: {report.summary()}")
+        if report.missing:
+            logger.info(f"left at init (trained from scratch): {', '.join(report.missing)}")
+
+    def _log_parameter_counts(self) -> None:
+        for part, c in count_parameters(self.model).items():
+            logger.info(
+                f"{part:>9}: {c['trainable']:,} trainable, {c['frozen']:,} frozen parameters"
+            )
+
+    # ----- the step -----
+    def _next_microbatches(self) -> tuple[list[Batch], float]:
+        t0 = time.perf_counter()
+        batches = [next(self._data_iter) for _ in range(self.grad_accum)]
+        return [b.to(self.device, non_blocking=True) for b in batches], time.perf_counter() - t0
+
+    def forward_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token CEs, valid targets) of one micro-batch."""
+        pixel_values, image_sizes, keepalive = mb.pixel_values, mb.image_sizes, False
+        if pixel_values is None:
+            pixel_values, keepalive = self._dummy_tile, True
+        logits = self.model(
+            mb.input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            positions=mb.positions,
+            document_ids=mb.document_ids,
+            vision_keepalive=keepalive,
+        )
+        return cross_entropy_sum(logits, mb.labels, mb.document_ids)
+
+    def train_step(self, microbatches: list[Batch]) -> tuple[float, float]:
+        """Forward/backward every micro-batch, clip, check, step. Returns (loss, grad_norm)."""
+        cfg = self.cfg
+        mode = cfg.training.loss_normalization
+        global_tokens = global_valid_tokens(
+            [mb.labels for mb in microbatches], [mb.document_ids for mb in microbatches]
+        )
+        loss_total = torch.zeros((), device=self.device)
+        for i, mb in enumerate(microbatches):
+            # Reduce-scatter gradients only once, after the last micro-batch.
+            self.model.set_requires_gradient_sync(i == len(microbatches) - 1)
+            loss_sum, n_valid = self.forward_loss_sum(mb)
+            loss = normalize_loss(
+                loss_sum,
+                n_valid,
+                mode,
+                global_tokens=global_tokens,
+                grad_accum_steps=len(microbatches),
+                dp_degree=self.dims.dp_degree,
+            )
+            loss.backward()
+            loss_total += loss.detach()
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in params if p.grad is not None], foreach=True
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        # One host sync per step: both numbers are needed for the finiteness check anyway.
+        loss_value = loss_total.clone()
+        if dist.is_initialized():
+            dist.all_reduce(loss_value)
+            loss_value /= self.world_size
+        loss_f, norm_f = float(loss_value), float(grad_norm)
+        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+            # Every rank sees the same reduced numbers, so every rank stops here together.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"step {self.step}: non-finite loss ({loss_f}) or gradient norm ({norm_f}); "
+                "stopping before the optimizer step"
+            )
+        if cfg.training.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.training.max_norm, grad_norm, foreach=True)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_f, norm_f
+
+    def _step_counts(self, microbatches: list[Batch]) -> dict[str, float]:
+        """Per-rank token/sample/FLOP counts of a step (summed over ranks when logged)."""
+        pad_id = self.tokenizer.pad_id
+        lengths: list[int] = []
+        tiles = image_tokens = tokens = samples = 0
+        for mb in microbatches:
+            lengths += document_lengths(mb.input_ids, pad_id, mb.document_ids)
+            tiles += 0 if mb.pixel_values is None else int(mb.pixel_values.shape[0])
+            image_tokens += mb.num_image_positions
+            samples += sum(len(ids) for ids in mb.sample_ids)
+        tokens = sum(lengths)
+        flops = step_flops(self.model_args, lengths, tiles, self.cfg.training.trainable).total
+        return {
+            "tokens": tokens,
+            "image_tokens": image_tokens,
+            "text_tokens": tokens - image_tokens,
+            "samples": samples,
+            "flops": flops,
+        }
+
+    def train(self) -> None:
+        cfg = self.cfg
+        self.model.train()
+        self._data_iter = iter(self.data_loader)
+        logger.info(
+            f"training {self.total_steps} steps: {self.dims.dp_degree} data-parallel ranks x "
+            f"{self.grad_accum} micro-batches x {cfg.training.local_batch_size} rows of "
+            f"<= {cfg.data.max_seq_len} tokens"
+        )
+        window = {"tokens": 0.0, "image_tokens": 0.0, "text_tokens": 0.0, "samples": 0.0,
+                  "flops": 0.0, "data_wait_s": 0.0}
+        steps_in_window, t_window = 0, time.perf_counter()
+        while self.step < self.total_steps:
+            self.step += 1
+            microbatches, data_wait = self._next_microbatches()
+            lr = self.lr_scheduler.get_last_lr()[0]
+            loss, grad_norm = self.train_step(microbatches)
+            for k, v in self._step_counts(microbatches).items():
+                window[k] += v
+            window["data_wait_s"] += data_wait
+            steps_in_window += 1
+            if self.step % cfg.metrics.log_freq == 0 or self.step == self.total_steps:
+                totals = all_reduce_scalars(window, self.device, op="sum")
+                interval = time.perf_counter() - t_window
+                self.metrics.log(
+                    self.step,
+                    loss=loss,
+                    grad_norm=grad_norm,
+                    lr=lr,
+                    interval_s=interval,
+                    steps_in_interval=steps_in_window,
+                    tokens=int(totals["tokens"]),
+                    text_tokens=int(totals["text_tokens"]),
+                    image_tokens=int(totals["image_tokens"]),
+                    samples=int(totals["samples"]),
+                    flops=totals["flops"],
+                    data_wait_s=totals["data_wait_s"] / self.world_size,
+                    skipped=self.data_loader.skip_counts(),
+                    memory_gib=device_memory_gib(self.device),
+                )
+                window = dict.fromkeys(window, 0.0)
+                steps_in_window, t_window = 0, time.perf_counter()
+        logger.info(f"training done: {self.step} steps")
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(argv)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
