@@ -15,8 +15,9 @@ from PIL import Image, UnidentifiedImageError
 
 from titan_llava.data.errors import BadSampleError
 
-# Largest image (width * height) that load_image decodes. PIL refuses anything above
-# 2 * Image.MAX_IMAGE_PIXELS on its own, so that is the effective ceiling for larger settings.
+# Largest image (width * height) that load_image decodes. PIL's own bomb check also applies, and
+# its warning is made an error here, so the effective limit is min(max_pixels, PIL.Image.
+# MAX_IMAGE_PIXELS ~ 89.5 MP unless the application raises it).
 DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
 
 # Greyscale integer modes PIL's convert("RGB") would clip at 255 instead of rescaling.
