@@ -1,0 +1,132 @@
+"""Apply parallelism to LlavaNext from the outside, in a fixed order: freeze -> activation
+checkpointing -> per-block torch.compile -> FSDP2 per block -> FSDP2 on the remaining parts and
+the root. Every wrapper acts in place (class swap or instance attribute), so parameter names and
+state_dict keys never change.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from titan_llava.optim import set_trainable
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# Ops whose outputs selective ("op") AC keeps: attention (expensive to recompute, small outputs)
+# and matmuls; every second mm is still recomputed to bound memory (the torchtitan policy).
+_SAC_SAVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _op_sac_context():
+    counts: dict[str, int] = defaultdict(int)  # fresh per checkpointed call
+
+    def policy(ctx, func, *args, **kwargs):
+        mode = "recompute" if ctx.is_recompute else "forward"
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            counts[mode] += 1
+            if counts[mode] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        if func in _SAC_SAVE:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+class _CheckpointedBlock:
+    """Mixin swapped in front of a block's class: its forward runs under non-reentrant activation
+    checkpointing. (A wrapper module would add a prefix to every parameter name.)"""
+
+    _ac_op_policy: bool = False
+
+    def forward(self, *args, **kwargs):
+        extra = {"context_fn": _op_sac_context} if self._ac_op_policy else {}
+        # No dropout anywhere: no RNG state to preserve.
+        return checkpoint(
+            super().forward, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs
+        )
+
+
+def checkpoint_block(block: nn.Module, op_policy: bool = False) -> None:
+    """Turn on activation checkpointing for `block` in place (full, or selective per-op)."""
+    if isinstance(block, _CheckpointedBlock):
+        return
+    cls = block.__class__
+    block.__class__ = type(f"Checkpointed{cls.__name__}", (_CheckpointedBlock, cls), {})
+    block._ac_op_policy = op_policy
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, option: str = "op") -> None:
+    """mode none | full | selective; selective option "op" (per-op policy) or N (every N-th block)."""
+    if mode == "none":
+        return
+    for i, block in enumerate(blocks.values()):
+        if mode == "full":
+            checkpoint_block(block)
+        elif option == "op":
+            checkpoint_block(block, op_policy=True)
+        elif i % int(option) == 0:
+            checkpoint_block(block)
+
+
+def compile_block(block: nn.Module) -> None:
+    """Compile the block's forward in place (instance attribute: the module, its class and its
+    parameter names are untouched, and FSDP's hooks stay outside the compiled region). Dynamic
+    shapes so varying sequence lengths and tile counts reuse one graph; identical blocks share it."""
+    block.forward = torch.compile(block.forward, dynamic=True)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
+    """FSDP2 (HSDP on a 2-D mesh): each block, then the embeddings, the LLM head, the vision
+    stem, the projector, and the root (image_newline)."""
+    mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
+    for block in model.vision_tower.layers.values():
+        shard(block)
+    llm = model.language_model
+    n = len(llm.layers)
+    for i, block in enumerate(llm.layers.values()):
+        # The last block's parameters are needed again right away by backward: keep them.
+        shard(block, reshard_after_forward=i < n - 1)
+    shard(llm.tok_embeddings)
+    shard([llm.norm, llm.output], reshard_after_forward=False)
+    shard(model.vision_tower)
+    shard(model.projector)
+    shard(model)
+
+
+def parallelize_llava(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Module:
+    """Freeze, checkpoint, compile and shard `model` (a LlavaNext, typically on the meta device)
+    in place per `cfg` (JobConfig); returns it. mesh None = no FSDP (single process, fp32)."""
+    set_trainable(model, cfg.training.trainable)  # before sharding: frozen params get no grads
+    ac = cfg.activation_checkpoint
+    towers = {"llm": model.language_model.layers, "vision": model.vision_tower.layers}
+    for blocks in towers.values():
+        apply_activation_checkpointing(blocks, ac.mode, ac.selective_ac_option)
+    if cfg.compile.enable:
+        for name in cfg.compile.components:
+            for block in towers[name].values():
+                compile_block(block)
+    if mesh is not None:
+        apply_fsdp(
+            model, mesh, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
+        )
+    return model
