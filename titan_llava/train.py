@@ -343,11 +343,21 @@ class Trainer:
         self.metrics.close()
 
 
+EXIT_CONFIG_ERROR = 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(argv)
+    """Exit codes: 0 done; 2 a configuration or input error found during set-up (the message
+    names the key, file or sample); anything else is a crash with its traceback."""
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        try:
+            cfg = load_config(argv)
+            trainer = Trainer(cfg)
+        except ValueError as e:
+            # User errors (ValueError by convention) before any training work: no traceback.
+            print(f"titan_llava.train: error: {e}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
         trainer.train()
     finally:
         if trainer is not None:
