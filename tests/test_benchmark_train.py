@@ -1,0 +1,99 @@
+"""The training-throughput benchmark: its synthetic data follows the stated mix, its step breakdown
+charges each segment to the right part, and a 2-step debug run prints every figure, consistently.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from synthetic_data import write_dataset  # noqa: E402
+from train_throughput import StepMarks  # noqa: E402
+
+from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS, num_image_tokens  # noqa: E402
+
+FIGURES = [
+    "samples/s/GPU:",
+    "text tokens/s/GPU:",
+    "image tokens/s/GPU:",
+    "MFU:",
+    "step breakdown: data_wait",
+    "vision",
+    "llm",
+    "optimizer",
+    "peak memory:",
+    "ratio to reference:",
+    "shipped tiny tokenizer",
+]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_synthetic_data_follows_the_mix(tmp_path, stage):
+    path, stats = write_dataset(str(tmp_path), stage, 300, seed=1, images_per_size=1)
+    records = json.load(open(path))
+    assert len(records) == stats.samples == 300
+    tokens = []
+    for r in records:
+        if "image" not in r:
+            assert not any("<image>" in t["value"] for t in r["conversations"])
+            continue
+        # The size comes from the file itself, not from its name.
+        size = Image.open(os.path.join(tmp_path, r["image"])).size
+        tokens.append(num_image_tokens(size, LLAVA_NEXT_GRID_PINPOINTS))
+    assert stats.mean_image_tokens == pytest.approx(sum(tokens) / len(tokens))
+    # The issue's planning numbers: ~2,000 image tokens, ~4.4 tiles per image.
+    assert 1800 < stats.mean_image_tokens < 2400 and 4.0 < stats.mean_tiles < 5.0
+    if stage == 1:
+        assert stats.text_only == 0 and 12 <= stats.mean_text_tokens <= 20
+    else:
+        assert 8 <= stats.text_only <= 30  # ~6% of 300
+        assert 200 <= stats.mean_text_tokens <= 330
+
+
+def test_breakdown_charges_segments():
+    marks = StepMarks(torch.device("cpu"))
+    marks.active = True
+    marks.begin_step()
+    t = {"start": 0.0, "vis_fwd_start": 0.001, "vis_fwd_end": 0.004, "vis_bwd_start": 0.010,
+         "bwd_end": 0.012, "opt_start": 0.013, "opt_end": 0.017, "end": 0.018}
+    marks.steps[-1] = list(t.items())
+    bd = marks.breakdown_ms()
+    assert bd["vision"] == pytest.approx(3 + 2)
+    assert bd["llm"] == pytest.approx(1 + 6)
+    assert bd["grad_norm_clip"] == pytest.approx(1)
+    assert bd["optimizer"] == pytest.approx(4 + 1)
+
+
+@pytest.mark.parametrize("stage,extra", [(1, []), (2, ["--llm-layers", "1"])])
+def test_benchmark_prints_every_figure(tmp_path, stage, extra):
+    out_json = tmp_path / "r.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"), "--stage",
+           str(stage), "--flavor", "debug", "--steps", "2", "--warmup", "1",
+           "--json-out", str(out_json), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in FIGURES:
+        assert figure in proc.stdout, f"missing {figure!r} in:\n{proc.stdout}"
+    r = json.loads(out_json.read_text())
+    assert r["measured_steps"] == 2 and r["mfu"] is None and r["peak_memory_gib"] is None
+    elapsed = r["step_time_s"] * 2
+    assert r["tokens_per_s"] == pytest.approx(r["text_tokens_per_s"] + r["image_tokens_per_s"])
+    assert r["samples_per_s"] * elapsed == pytest.approx(round(r["samples_per_s"] * elapsed))
+    assert r["image_tokens_per_s"] > 0 and r["text_tokens_per_s"] > 0
+    assert r["ratio_to_reference"] == pytest.approx(r["samples_per_s"] / {1: 4.8, 2: 2.0}[stage])
+    bd = r["breakdown_ms"]
+    assert bd["vision"] > 0 and bd["llm"] > 0 and bd["optimizer"] > 0
+    # The buckets partition the measured step.
+    assert sum(bd.values()) == pytest.approx(1e3 * r["step_time_s"], rel=1e-6)
+    if stage == 2:
+        assert r["llm_layers"] == 1 and r["llm_layers_full"] == 2
+        assert "REDUCED DEPTH" in proc.stdout and r["full_depth_estimate_samples_per_s"] > 0
