@@ -15,6 +15,13 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from titan_llava.checkpoint import (
+    PREEMPTED_EXIT_CODE,
+    CheckpointManager,
+    find_resume_step,
+    load_model_weights,
+)
+from titan_llava.checkpoint_io import fault_point, maybe_crash, maybe_sigterm
 from titan_llava.config import JobConfig, load_config
 from titan_llava.data.batch import Batch
 from titan_llava.data.dataset import LlavaDataset
@@ -180,18 +187,28 @@ class Trainer:
         # micro-batch has no image (FSDP all-gathers must be issued by every rank).
         v = self.model_args.vision
         self._dummy_tile = torch.zeros(1, 3, v.image_size, v.image_size, device=self.device)
+        self.checkpointer = CheckpointManager(
+            cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
+            rank=self.rank, world_size=self.world_size, device=self.device,
+        )
+        # Before the data loader is iterated; a checkpoint that cannot resume here is a set-up error.
+        self.step = self.checkpointer.maybe_resume()
+        self.checkpointer.install_sigterm_handler()
 
     # ----- set-up helpers -----
     def _load_initial_weights(self) -> None:
         ck = self.cfg.checkpoint
+        if find_resume_step(self.cfg) is not None:
+            logger.info("resuming from this run's checkpoint: initial weights not loaded")
+            return
         if not ck.initial_load_path:
             logger.info("no checkpoint.initial_load_path: all weights from init_weights()")
             return
         if not ck.initial_load_in_hf:
-            raise ValueError(
-                "checkpoint.initial_load_path: loading a DCP step folder needs the checkpoint "
-                "module (not available yet); use initial_load_in_hf = true with HF directories"
-            )
+            # Model-only: stage 1 -> stage 2. A full-state load happens in CheckpointManager.
+            if ck.initial_load_model_only:
+                load_model_weights(self.model, ck.initial_load_path)
+            return
         from titan_llava.hf.loading import load_hf_weights
 
         report = load_hf_weights(self.model, **hf_dirs(ck.initial_load_path))
@@ -248,6 +265,11 @@ class Trainer:
             )
             loss.backward()
             loss_total += loss.detach()
+            if i == 0:  # test hooks: a crash / preemption notice in the middle of accumulation
+                maybe_crash("accum", self.step, self.rank)
+                maybe_sigterm("accum", self.step, self.rank)
+        if fault_point("nan_loss", self.step, self.rank):
+            loss_total = loss_total + float("nan")
 
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.get_total_norm(
@@ -295,7 +317,8 @@ class Trainer:
             "flops": flops,
         }
 
-    def train(self) -> None:
+    def train(self) -> int:
+        """Runs to the last step (returns 0) or to a SIGTERM (saves, returns PREEMPTED_EXIT_CODE)."""
         cfg = self.cfg
         self.model.train()
         self._data_iter = iter(self.data_loader)
@@ -312,7 +335,9 @@ class Trainer:
             microbatches, data_wait = self._next_microbatches()
             lr = self.lr_scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(microbatches)
-            for k, v in self._step_counts(microbatches).items():
+            counts = self._step_counts(microbatches)
+            self.checkpointer.add_tokens(counts["tokens"])
+            for k, v in counts.items():
                 window[k] += v
             window["data_wait_s"] += data_wait
             steps_in_window += 1
@@ -337,9 +362,24 @@ class Trainer:
                 )
                 window = dict.fromkeys(window, 0.0)
                 steps_in_window, t_window = 0, time.perf_counter()
+            preempted = self.checkpointer.preemption_requested()
+            self.checkpointer.maybe_save(
+                self.step, force=preempted or self.step == self.total_steps
+            )
+            if preempted:
+                self.checkpointer.finish()
+                logger.warning(
+                    f"SIGTERM: checkpoint of step {self.step} saved; exiting with status "
+                    f"{PREEMPTED_EXIT_CODE} (run the same command to resume)"
+                )
+                return PREEMPTED_EXIT_CODE
+        self.checkpointer.finish()
         logger.info(f"training done: {self.step} steps")
+        return 0
 
     def close(self) -> None:
+        if hasattr(self, "checkpointer"):
+            self.checkpointer.close()
         self.metrics.close()
 
 
@@ -347,7 +387,8 @@ EXIT_CONFIG_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done; 2 a configuration or input error found during set-up (the message
+    """Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint;
+    2 a configuration or input error found during set-up (the message
     names the key, file or sample); anything else is a crash with its traceback."""
     trainer = None
     try:
@@ -358,12 +399,12 @@ def main(argv: list[str] | None = None) -> int:
             # User errors (ValueError by convention) before any training work: no traceback.
             print(f"titan_llava.train: error: {e}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
-        trainer.train()
+        status = trainer.train()
     finally:
         if trainer is not None:
             trainer.close()
         destroy_distributed()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

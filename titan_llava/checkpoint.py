@@ -1,0 +1,360 @@
+"""DCP checkpoints with exact resume: `<dump_folder>/<checkpoint.folder>/step-N/` holds the model,
+optimizer, LR schedule, data-loader state and train state (step, tokens seen, RNG of every rank),
+written atomically (temporary name + completion marker + rename), plus SIGTERM preemption."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from titan_llava.checkpoint_io import (
+    COMPLETE_MARKER,
+    TensorOnlyLoadPlanner,
+    blob_to_json,
+    complete_steps,
+    json_to_blob,
+    maybe_crash,
+    read_metadata,
+    resolve_step_dir,
+    step_dir_name,
+    tmp_dir_name,
+)
+
+logger = logging.getLogger("titan_llava")
+
+# Exit status of a run stopped by SIGTERM after it saved a checkpoint (EX_TEMPFAIL: "try again";
+# restart the same command to resume). A finished run exits 0, a failed one non-zero otherwise.
+PREEMPTED_EXIT_CODE = 75
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _broadcast_int(value: int) -> int:
+    """Rank 0's value on every rank (rank 0 alone reads the file system, so all ranks agree)."""
+    if not _dist():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def find_resume_step(cfg) -> int | None:
+    """The step this run resumes from (collective): checkpoint.load_step if set, else the newest
+    complete step folder in the run's checkpoint folder; None when there is none (or checkpointing
+    is disabled). Incomplete folders are reported and never chosen."""
+    ck = cfg.checkpoint
+    if not ck.enable:
+        return None
+    folder = os.path.join(cfg.job.dump_folder, ck.folder)
+    chosen = -1
+    if not _dist() or dist.get_rank() == 0:
+        steps, ignored = complete_steps(folder)
+        for name in ignored:
+            logger.warning(f"ignoring incomplete checkpoint {os.path.join(folder, name)}")
+        if ck.load_step >= 0:
+            chosen = ck.load_step if ck.load_step in steps else -2
+        elif steps:
+            chosen = steps[-1]
+    chosen = _broadcast_int(chosen)
+    if chosen == -2:
+        raise ValueError(
+            f"checkpoint.load_step = {ck.load_step}: {folder} has no complete checkpoint of that "
+            "step (see the log for the complete ones)"
+        )
+    return None if chosen < 0 else chosen
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
+    """Model weights only from a DCP step folder (or the newest complete one under a checkpoint
+    folder): stage 1 -> stage 2. The folder must hold every parameter of `model`."""
+    step_dir = resolve_step_dir(path, "checkpoint.initial_load_path")
+    msd = get_model_state_dict(model)
+    dcp.load(
+        {"model": msd},
+        storage_reader=_reader(step_dir, "checkpoint.initial_load_path"),
+        planner=TensorOnlyLoadPlanner(),
+    )
+    set_model_state_dict(model, msd)
+    logger.info(f"model weights loaded from {step_dir}")
+
+
+def _reader(step_dir: str, key: str):
+    read_metadata(step_dir, key)  # validates the metadata with the restricted unpickler first
+    from titan_llava.checkpoint_io import SafeFileSystemReader
+
+    return SafeFileSystemReader(step_dir)
+
+
+class CheckpointManager:
+    """Saves and restores everything a run needs to continue bit-identically.
+
+    Use: `maybe_resume()` before iterating the data loader (returns the restored step or 0),
+    `add_tokens(n)` every step, `maybe_save(step, force=...)` after every step,
+    `preemption_requested()` at every step boundary, `finish()` at the end, `close()` always."""
+
+    def __init__(self, cfg, model, optimizer, lr_scheduler, data_loader, *, rank: int,
+                 world_size: int, device: torch.device) -> None:
+        self.cfg = cfg
+        self.ck = cfg.checkpoint
+        self.model, self.optimizer = model, optimizer
+        self.lr_scheduler, self.data_loader = lr_scheduler, data_loader
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.folder = os.path.join(cfg.job.dump_folder, self.ck.folder)
+        self.tokens_seen = 0
+        self._pending_tokens = 0
+        self._last_saved_step: int | None = None
+        self._inflight: tuple[int, Future] | None = None
+        self._sigterm = False
+        self._async_pg = None
+        if self.ck.enable and self.ck.async_mode == "async" and _dist():
+            # The upload thread's collectives must not interleave with the training ones.
+            self._async_pg = dist.new_group(backend="gloo")
+
+    # ----- preemption -----
+    def install_sigterm_handler(self) -> None:
+        def handler(signum, frame):  # only sets a flag: the save happens at a step boundary
+            self._sigterm = True
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def preemption_requested(self) -> bool:
+        """Whether ANY rank got SIGTERM (collective, every step: all ranks stop together)."""
+        flag = torch.tensor([1.0 if self._sigterm else 0.0], device=self.device)
+        if _dist():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def add_tokens(self, local_tokens: int) -> None:
+        self._pending_tokens += int(local_tokens)
+
+    # ----- the state -----
+    def _rank_entries(self) -> dict[str, torch.Tensor]:
+        rng = {"python": random.getstate()}
+        entries = {
+            f"rank_{self.rank}.cpu_rng": torch.get_rng_state(),
+            f"rank_{self.rank}.python_rng": json_to_blob(rng),
+        }
+        if self.device.type == "cuda":
+            entries[f"rank_{self.rank}.cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return entries
+
+    def _state_dict(self, for_save: bool) -> dict[str, Any]:
+        """The flat-ish dict given to DCP: tensors (DTensors for sharded state) only."""
+        osd = get_optimizer_state_dict(self.model, self.optimizer)
+        sched = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
+        groups = [{k: g[k] for k in ("lr", "initial_lr") if k in g} for g in osd["param_groups"]]
+        sd: dict[str, Any] = {
+            "model": get_model_state_dict(self.model),
+            "optimizer": {"state": osd["state"], "param_groups": json_to_blob(groups)},
+            "lr_scheduler": json_to_blob(sched),
+            "train_state": {"tokens_seen": torch.tensor(self.tokens_seen, dtype=torch.int64)},
+        }
+        if for_save:
+            dl = self.data_loader.state_dict()
+            sd["dataloader"] = {
+                k: (json_to_blob_raw(v) if isinstance(v, bytes) else torch.tensor(v))
+                for k, v in dl.items()
+            }
+            sd["train_state"].update(self._rank_entries())
+        return sd
+
+    # ----- save -----
+    def maybe_save(self, step: int, force: bool = False) -> None:
+        """Save at every checkpoint.interval-th step, or when forced (last step, preemption)."""
+        if not self.ck.enable or self._last_saved_step == step:
+            return
+        if force or step % self.ck.interval == 0:
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        self._finalize_inflight()
+        tokens = torch.tensor([self._pending_tokens], dtype=torch.int64, device=self.device)
+        if _dist():
+            dist.all_reduce(tokens)
+        self.tokens_seen += int(tokens.item())
+        self._pending_tokens = 0
+        tmp = os.path.join(self.folder, tmp_dir_name(step))
+        if self.rank == 0:
+            # A stale temporary folder of this step (a save that crashed) is never reused.
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        sd = self._state_dict(for_save=True)
+        sd["train_state"]["step"] = torch.tensor(step, dtype=torch.int64)
+        maybe_crash("save_begin", step, self.rank)
+        if self._async_pg is not None or (self.ck.async_mode == "async" and not _dist()):
+            fut = dcp.async_save(sd, checkpoint_id=tmp, process_group=self._async_pg)
+            fut = getattr(fut, "upload_completion", fut)
+            self._inflight = (step, fut)
+            logger.info(f"checkpoint step {step}: asynchronous save started")
+        else:
+            dcp.save(sd, checkpoint_id=tmp)
+            self._inflight = (step, None)
+            self._finalize_inflight()
+        self._last_saved_step = step
+
+    def _finalize_inflight(self) -> None:
+        """Wait for the in-flight save, then make it visible: marker, rename, prune (collective)."""
+        if self._inflight is None:
+            return
+        step, fut = self._inflight
+        self._inflight = None
+        if fut is not None:
+            fut.result()
+        maybe_crash("shards_written", step, self.rank)
+        _barrier()  # every rank's shards (and rank 0's metadata) are on disk
+        if self.rank == 0:
+            tmp = os.path.join(self.folder, tmp_dir_name(step))
+            final = os.path.join(self.folder, step_dir_name(step))
+            with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+                json.dump({"step": step, "world_size": self.world_size}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            maybe_crash("before_rename", step, self.rank)
+            if os.path.exists(final):  # an older save of the same step (e.g. after a resume)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            logger.info(f"checkpoint saved: {final}")
+            self._prune()
+        _barrier()
+        maybe_crash("saved", step, self.rank)
+
+    def _prune(self) -> None:
+        steps, incomplete = complete_steps(self.folder)
+        for name in incomplete:  # leftovers of crashed saves (nothing is in flight here)
+            shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+        k = self.ck.keep_latest_k
+        if k > 0:
+            for old in steps[:-k]:
+                shutil.rmtree(os.path.join(self.folder, step_dir_name(old)), ignore_errors=True)
+
+    def finish(self) -> None:
+        """End of a run (all ranks): wait for and publish an in-flight asynchronous save."""
+        self._finalize_inflight()
+
+    def close(self) -> None:
+        """Always (also on errors): wait for this rank's upload without publishing it, so an
+        aborted run never leaves a folder that looks complete."""
+        if self._inflight is not None and self._inflight[1] is not None:
+            try:
+                self._inflight[1].result()
+            except Exception as e:  # the run is already failing; report, don't mask
+                logger.warning(f"asynchronous checkpoint upload failed: {e}")
+        self._inflight = None
+
+    # ----- load -----
+    def maybe_resume(self) -> int:
+        """Restore the newest complete checkpoint of this run (or checkpoint.load_step); with none,
+        a full-state initial_load_path (initial_load_model_only = false). Returns the step (0)."""
+        step = find_resume_step(self.cfg)
+        if step is not None:
+            return self.load(os.path.join(self.folder, step_dir_name(step)), "checkpoint.load_step")
+        ck = self.ck
+        if ck.initial_load_path and not ck.initial_load_in_hf and not ck.initial_load_model_only:
+            path = resolve_step_dir(ck.initial_load_path, "checkpoint.initial_load_path")
+            return self.load(path, "checkpoint.initial_load_path")
+        return 0
+
+    def load(self, step_dir: str, key: str) -> int:
+        meta = read_metadata(step_dir, key).state_dict_metadata
+        saved_dp = int(_load_plain(step_dir, "dataloader.dp_world_size", meta, key))
+        dp = self.data_loader.dp_world_size
+        if saved_dp != dp:
+            raise ValueError(
+                f"{step_dir} was saved with {saved_dp} data-parallel ranks, this run has {dp}: the "
+                "model and optimizer would reshard, but each rank's data position cannot. Resume "
+                f"with {saved_dp} data-parallel ranks, or start a new run (new job.dump_folder) from "
+                f"these weights with --checkpoint.initial_load_path {step_dir} "
+                "--checkpoint.initial_load_model_only true (fresh optimizer, schedule and data order)."
+            )
+        sd = self._state_dict(for_save=False)
+        rank_key = f"dataloader.dp_rank_{self.data_loader.dp_rank}"
+        sd["dataloader"] = {rank_key.split(".", 1)[1]: _alloc(meta, rank_key)}
+        sd["optimizer"]["param_groups"] = _alloc(meta, "optimizer.param_groups")
+        sd["lr_scheduler"] = _alloc(meta, "lr_scheduler")
+        sd["train_state"]["step"] = torch.zeros((), dtype=torch.int64)
+        rng_keys = [k for k in self._rank_entries() if f"train_state.{k}" in meta]
+        for k in rng_keys:
+            sd["train_state"][k] = _alloc(meta, f"train_state.{k}")
+        dcp.load(sd, storage_reader=_reader(step_dir, key), planner=TensorOnlyLoadPlanner())
+
+        set_model_state_dict(self.model, sd["model"])
+        fresh = get_optimizer_state_dict(self.model, self.optimizer)
+        groups = blob_to_json(sd["optimizer"]["param_groups"])
+        assert len(groups) == len(fresh["param_groups"]), "optimizer param groups changed"
+        for g, saved in zip(fresh["param_groups"], groups):
+            g.update(saved)
+        set_optimizer_state_dict(
+            self.model, self.optimizer, {"state": sd["optimizer"]["state"],
+                                         "param_groups": fresh["param_groups"]}
+        )
+        sched = self.lr_scheduler.state_dict()
+        sched.update(blob_to_json(sd["lr_scheduler"]))
+        self.lr_scheduler.load_state_dict(sched)
+        self.data_loader.load_state_dict(
+            {"dp_world_size": saved_dp,
+             rank_key.split(".", 1)[1]: bytes(sd["dataloader"][rank_key.split(".", 1)[1]].tolist())}
+        )
+        self._restore_rng(sd["train_state"], rng_keys)
+        self.tokens_seen = int(sd["train_state"]["tokens_seen"])
+        step = int(sd["train_state"]["step"])
+        self._last_saved_step = step
+        logger.info(f"resumed from {step_dir} (step {step}, {self.tokens_seen:,} tokens seen)")
+        return step
+
+    def _restore_rng(self, ts: dict[str, torch.Tensor], keys: list[str]) -> None:
+        if not keys:
+            logger.warning(f"rank {self.rank}: no saved RNG state for this rank; RNG left as seeded")
+            return
+        for k in keys:
+            if k.endswith(".cpu_rng"):
+                torch.set_rng_state(ts[k])
+            elif k.endswith(".cuda_rng"):
+                torch.cuda.set_rng_state(ts[k], self.device)
+            elif k.endswith(".python_rng"):
+                state = blob_to_json(ts[k])["python"]
+                random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def json_to_blob_raw(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()
+
+
+def _alloc(meta: dict, fqn: str) -> torch.Tensor:
+    """An empty tensor shaped like the saved entry `fqn` (per-rank blobs differ in length)."""
+    m = meta[fqn]
+    return torch.empty(tuple(m.size), dtype=m.properties.dtype)
+
+
+def _load_plain(step_dir: str, fqn: str, meta: dict, key: str) -> torch.Tensor:
+    if fqn not in meta:
+        raise ValueError(f"{key}: {step_dir} is not a full titan_llava checkpoint (no {fqn!r})")
+    t = _alloc(meta, fqn)
+    dcp.load({fqn: t}, storage_reader=_reader(step_dir, key), planner=TensorOnlyLoadPlanner(),
+             no_dist=True)
+    return t

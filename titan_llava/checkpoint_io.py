@@ -1,0 +1,163 @@
+"""Checkpoint folder layout and safe reading: step-N / .step-N.tmp names, the completion marker,
+JSON blobs stored as uint8 tensors, a DCP reader whose metadata unpickler only admits DCP's own
+classes, a planner that refuses pickled (non-tensor) entries, and the test fault hooks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import signal
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata
+
+COMPLETE_MARKER = ".complete"
+METADATA_FILE = ".metadata"
+FAULT_ENV = "TITAN_LLAVA_FAULT"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TMP_RE = re.compile(r"^\.step-(\d+)\.tmp$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def tmp_dir_name(step: int) -> str:
+    return f".step-{step}.tmp"
+
+
+def is_complete(step_dir: str) -> bool:
+    """Written to the end: DCP metadata present and the marker written after it."""
+    return os.path.isfile(os.path.join(step_dir, COMPLETE_MARKER)) and os.path.isfile(
+        os.path.join(step_dir, METADATA_FILE)
+    )
+
+
+def complete_steps(folder: str) -> tuple[list[int], list[str]]:
+    """(sorted steps of complete step-N folders, names of incomplete/temporary ones)."""
+    if not os.path.isdir(folder):
+        return [], []
+    steps, incomplete = [], []
+    for name in sorted(os.listdir(folder)):
+        m = _STEP_RE.match(name)
+        if m and is_complete(os.path.join(folder, name)):
+            steps.append(int(m.group(1)))
+        elif m or _TMP_RE.match(name):
+            incomplete.append(name)
+    return sorted(steps), incomplete
+
+
+def resolve_step_dir(path: str, key: str) -> str:
+    """A complete step folder: `path` itself, or the newest complete step-N inside `path`."""
+    if is_complete(path):
+        return path
+    steps, _ = complete_steps(path)
+    if steps:
+        return os.path.join(path, step_dir_name(steps[-1]))
+    raise ValueError(
+        f"{key}: {path} is neither a complete checkpoint step folder (DCP {METADATA_FILE} + "
+        f"{COMPLETE_MARKER}) nor a folder holding one"
+    )
+
+
+# ----- plain state as tensors (no pickles inside the checkpoint) -----
+def json_to_blob(obj: Any) -> torch.Tensor:
+    data = json.dumps(obj, sort_keys=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def blob_to_json(t: torch.Tensor) -> Any:
+    return json.loads(bytes(t.tolist()).decode())
+
+
+# ----- safe reading -----
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle; admit only the classes DCP itself writes there."""
+
+    _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
+    _ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("torch", "Size"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "slice"),
+        ("torch.serialization", "_get_layout"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtypes = {str(d).split(".")[-1] for d in vars(torch).values() if isinstance(d, torch.dtype)}
+        if (
+            (module, name) in self._ALLOWED
+            or module in self._ALLOWED_MODULES
+            or (module == "torch" and name in dtypes)
+            or (module == "torch" and name in ("strided", "sparse_coo", "contiguous_format",
+                                               "preserve_format", "channels_last"))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}: refused")
+
+
+def read_metadata(step_dir: str, key: str) -> Metadata:
+    path = os.path.join(step_dir, METADATA_FILE)
+    try:
+        with open(path, "rb") as f:
+            meta = _MetadataUnpickler(io.BytesIO(f.read())).load()
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{key}: cannot read checkpoint metadata {path}: {e}") from e
+    if not isinstance(meta, Metadata):
+        raise ValueError(f"{key}: {path} is not DCP metadata")
+    return meta
+
+
+class SafeFileSystemReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        meta = read_metadata(str(self.path), "checkpoint")
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(meta, "storage_meta", None) is None:
+            meta.storage_meta = StorageMeta()
+        meta.storage_meta.load_id = self.load_id
+        return meta
+
+
+class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+    """Our checkpoints hold tensors only; a pickled entry would be torch.load-ed, so refuse it."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise ValueError(
+            f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object, not a tensor: refused"
+        )
+
+
+# ----- fault injection for tests: TITAN_LLAVA_FAULT="point@step[@rank],..." -----
+def fault_point(point: str, step: int, rank: int) -> bool:
+    spec = os.environ.get(FAULT_ENV, "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split("@")
+        if parts[0] != point or int(parts[1]) != step:
+            continue
+        if len(parts) < 3 or int(parts[2]) == rank:
+            return True
+    return False
+
+
+def maybe_crash(point: str, step: int, rank: int) -> None:
+    """SIGKILL this process at a named point (a hard crash: no handlers, no cleanup)."""
+    if fault_point(point, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_sigterm(point: str, step: int, rank: int) -> None:
+    """Deliver SIGTERM to this process at a named point (a preemption notice)."""
+    if fault_point("sigterm_" + point, step, rank):
+        os.kill(os.getpid(), signal.SIGTERM)
