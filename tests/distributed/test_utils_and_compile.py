@@ -62,6 +62,7 @@ def test_set_determinism():
 @pytest.mark.slow
 def test_compile_blocks_in_place_matches_eager():
     args = copy.deepcopy(LLAVA_FLAVORS["debug"])
+    args.llm.n_layers = 4
     torch.manual_seed(0)
     eager = LlavaNext(args)
     model = copy.deepcopy(eager)
@@ -81,7 +82,8 @@ def test_compile_blocks_in_place_matches_eager():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         out.float().pow(2).mean().backward()
         ref.float().pow(2).mean().backward()
-    assert 1 <= counters["stats"]["unique_graphs"] <= len(model.language_model.layers)
+    # One graph shared by all blocks (a per-block graph would hit dynamo's recompile limit at 7B).
+    assert counters["stats"]["unique_graphs"] == 1
     grads = dict(eager.named_parameters())
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6)

@@ -56,13 +56,20 @@ class _CheckpointedBlock:
     checkpointing. (A wrapper module would add a prefix to every parameter name.)"""
 
     _ac_op_policy: bool = False
+    _ac_inner_forward = None  # the block class's own forward (a plain function), set per class
 
     def forward(self, *args, **kwargs):
         extra = {"context_fn": _op_sac_context} if self._ac_op_policy else {}
+        # The module goes in as an argument of a plain function, not as a bound method: under
+        # torch.compile a bound method would make every block instance recompile the graph.
         # No dropout anywhere: no RNG state to preserve.
         return checkpoint(
-            super().forward, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs
+            type(self)._ac_inner_forward, self, *args,
+            use_reentrant=False, preserve_rng_state=False, **extra, **kwargs,
         )
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 
 def checkpoint_block(block: nn.Module, op_policy: bool = False) -> None:
@@ -70,7 +77,13 @@ def checkpoint_block(block: nn.Module, op_policy: bool = False) -> None:
     if isinstance(block, _CheckpointedBlock):
         return
     cls = block.__class__
-    block.__class__ = type(f"Checkpointed{cls.__name__}", (_CheckpointedBlock, cls), {})
+    # One swapped class per block class: compiled graphs guard on the type, so a class per
+    # instance would recompile for every block (and hit dynamo's recompile limit).
+    if cls not in _CHECKPOINTED_CLASSES:
+        _CHECKPOINTED_CLASSES[cls] = type(
+            f"Checkpointed{cls.__name__}", (_CheckpointedBlock, cls), {"_ac_inner_forward": cls.forward}
+        )
+    block.__class__ = _CHECKPOINTED_CLASSES[cls]
     block._ac_op_policy = op_policy
 
 
