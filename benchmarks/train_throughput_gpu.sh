@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU measurement of benchmarks/train_throughput.py in one go (one H100/H200): stage 1 at the
+# full 7B, stage 2 at the real 7B width with 8 LLM layers, eager then per-block compile, then
+# stage 1 without packing. Each run has its own time limit and log; runs that would not fit in
+# BUDGET_S seconds are skipped. Dry run on CPU: FLAVOR=debug EXTRA='--steps 1 --warmup 1'.   OUT=results_dir BUDGET_S=400 benchmarks/train_throughput_gpu.sh
+set -uo pipefail
+OUT=${OUT:-./bench_out}
+BUDGET_S=${BUDGET_S:-390}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_NCCL_AVOID_RECORD_STREAMS=1
+B="python benchmarks/train_throughput.py --flavor ${FLAVOR:-llava-next-vicuna-7b} --samples 400 --num-workers 8 --warmup 3"
+S1="--stage 1 --local-batch-size 4 --steps 8"
+S2="--stage 2 --llm-layers 8 --local-batch-size 2 --grad-accum 2 --steps 6"
+
+run() {  # name limit_s args...
+  local name=$1 limit=$2
+  shift 2
+  if (( SECONDS + limit > BUDGET_S )); then
+    echo "skip $name: $((BUDGET_S - SECONDS)) s left" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  echo "== $name (limit ${limit}s): $B $*" | tee -a "$OUT/summary.txt"
+  timeout -k 10 "$limit" $B "$@" ${EXTRA:-} >"$OUT/$name.log" 2>&1
+  echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
+  grep -E "^(samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP)" \
+    "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+  tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | tee -a "$OUT/summary.txt"
+}
+
+run s1_eager 75 $S1
+run s2_eager 75 $S2
+run s1_compile 120 $S1 --compile
+run s2_compile 120 $S2 --compile
+run s1_eager_nopack 60 $S1 --no-packing
