@@ -117,8 +117,18 @@ class CheckpointManager:
     `add_tokens(n)` every step, `maybe_save(step, force=...)` after every step,
     `preemption_requested()` at every step boundary, `finish()` at the end, `close()` always."""
 
-    def __init__(self, cfg, model, optimizer, lr_scheduler, data_loader, *, rank: int,
-                 world_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg,
+        model,
+        optimizer,
+        lr_scheduler,
+        data_loader,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ) -> None:
         self.cfg = cfg
         self.ck = cfg.checkpoint
         self.model, self.optimizer = model, optimizer
@@ -263,7 +273,7 @@ class CheckpointManager:
         if self._inflight is not None and self._inflight[1] is not None:
             try:
                 self._inflight[1].result()
-            except Exception as e:  # the run is already failing; report, don't mask
+            except Exception as e:  # noqa: BLE001 (already failing: report, don't mask)
                 logger.warning(f"asynchronous checkpoint upload failed: {e}")
         self._inflight = None
 
@@ -310,15 +320,20 @@ class CheckpointManager:
         for g, saved in zip(fresh["param_groups"], groups):
             g.update(saved)
         set_optimizer_state_dict(
-            self.model, self.optimizer, {"state": sd["optimizer"]["state"],
-                                         "param_groups": fresh["param_groups"]}
+            self.model,
+            self.optimizer,
+            {"state": sd["optimizer"]["state"], "param_groups": fresh["param_groups"]},
         )
         sched = self.lr_scheduler.state_dict()
         sched.update(blob_to_json(sd["lr_scheduler"]))
         self.lr_scheduler.load_state_dict(sched)
         self.data_loader.load_state_dict(
-            {"dp_world_size": saved_dp,
-             rank_key.split(".", 1)[1]: bytes(sd["dataloader"][rank_key.split(".", 1)[1]].tolist())}
+            {
+                "dp_world_size": saved_dp,
+                rank_key.split(".", 1)[1]: bytes(
+                    sd["dataloader"][rank_key.split(".", 1)[1]].tolist()
+                ),
+            }
         )
         self._restore_rng(sd["train_state"], rng_keys)
         self.tokens_seen = int(sd["train_state"]["tokens_seen"])
@@ -329,7 +344,9 @@ class CheckpointManager:
 
     def _restore_rng(self, ts: dict[str, torch.Tensor], keys: list[str]) -> None:
         if not keys:
-            logger.warning(f"rank {self.rank}: no saved RNG state for this rank; RNG left as seeded")
+            logger.warning(
+                f"rank {self.rank}: no saved RNG state for this rank; RNG left as seeded"
+            )
             return
         for k in keys:
             if k.endswith(".cpu_rng"):
@@ -355,6 +372,10 @@ def _load_plain(step_dir: str, fqn: str, meta: dict, key: str) -> torch.Tensor:
     if fqn not in meta:
         raise ValueError(f"{key}: {step_dir} is not a full titan_llava checkpoint (no {fqn!r})")
     t = _alloc(meta, fqn)
-    dcp.load({fqn: t}, storage_reader=_reader(step_dir, key), planner=TensorOnlyLoadPlanner(),
-             no_dist=True)
+    dcp.load(
+        {fqn: t},
+        storage_reader=_reader(step_dir, key),
+        planner=TensorOnlyLoadPlanner(),
+        no_dist=True,
+    )
     return t

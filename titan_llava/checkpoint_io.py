@@ -81,18 +81,19 @@ class _MetadataUnpickler(pickle.Unpickler):
     """DCP's .metadata is a pickle; admit only the classes DCP itself writes there."""
 
     _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
-    _ALLOWED = {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "PurePosixPath"),
-        ("torch", "Size"),
-        ("torch._utils", "_rebuild_tensor_v2"),
-        ("collections", "OrderedDict"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("builtins", "slice"),
-        ("torch.serialization", "_get_layout"),
-    }
+    _ALLOWED = frozenset(
+        {
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+            ("torch", "Size"),
+            ("collections", "OrderedDict"),
+            ("builtins", "set"),
+            ("builtins", "frozenset"),
+            ("builtins", "slice"),
+            ("torch.serialization", "_get_layout"),
+        }
+    )
 
     def find_class(self, module: str, name: str) -> Any:
         dtypes = {str(d).split(".")[-1] for d in vars(torch).values() if isinstance(d, torch.dtype)}
@@ -100,8 +101,17 @@ class _MetadataUnpickler(pickle.Unpickler):
             (module, name) in self._ALLOWED
             or module in self._ALLOWED_MODULES
             or (module == "torch" and name in dtypes)
-            or (module == "torch" and name in ("strided", "sparse_coo", "contiguous_format",
-                                               "preserve_format", "channels_last"))
+            or (
+                module == "torch"
+                and name
+                in (
+                    "strided",
+                    "sparse_coo",
+                    "contiguous_format",
+                    "preserve_format",
+                    "channels_last",
+                )
+            )
         ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}: refused")
@@ -115,7 +125,7 @@ def read_metadata(step_dir: str, key: str) -> Metadata:
     except (OSError, pickle.UnpicklingError, EOFError) as e:
         raise ValueError(f"{key}: cannot read checkpoint metadata {path}: {e}") from e
     if not isinstance(meta, Metadata):
-        raise ValueError(f"{key}: {path} is not DCP metadata")
+        raise ValueError(f"{key}: {path} is not DCP metadata")  # noqa: TRY004 (a user input)
     return meta
 
 

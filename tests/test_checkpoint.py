@@ -1,0 +1,223 @@
+"""Checkpoints, one process: crash / preemption / crash-during-save resume is bit-identical to a
+straight run; stage 1 -> stage 2 chaining; the folder rules and the safe (pickle-free) reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from titan_llava.checkpoint_io import (
+    COMPLETE_MARKER,
+    FAULT_ENV,
+    TensorOnlyLoadPlanner,
+    complete_steps,
+    fault_point,
+    read_metadata,
+    resolve_step_dir,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "train_configs", "debug_model.toml")
+# 20 samples, 3 rows per step -> the data wraps into epoch 1 during step 7 (checkpoint 8 is past it).
+RUN = [
+    "--training.steps", "12", "--training.local_batch_size", "1",
+    "--training.global_batch_size", "3", "--training.mixed_precision_param", "float32",
+    "--checkpoint.enable", "true", "--checkpoint.interval", "4", "--checkpoint.keep_latest_k", "0",
+    "--data.max_seq_len", "2048", "--lr_scheduler.warmup_steps", "3",
+]  # fmt: skip
+PREEMPTED = 75
+
+
+def train(dump: str, *extra: str, fault: str = "", nproc: int = 1, timeout: int = 300):
+    """Run the trainer as a user would (a subprocess); returns the CompletedProcess."""
+    env = {**os.environ, FAULT_ENV: fault, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "titan_llava.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "titan_llava.train"]  # fmt: skip
+    cmd += ["--job.config_file", CONFIG, "--job.dump_folder", dump, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(dump: str) -> dict[int, list[tuple[float, float, float]]]:
+    """step -> every logged (loss, grad_norm, lr) of that step, over all runs in the folder."""
+    out: dict[int, list] = {}
+    with open(os.path.join(dump, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out.setdefault(r["step"], []).append((r["loss"], r["grad_norm"], r["lr"]))
+    return out
+
+
+def assert_same_history(resumed: dict, straight: dict, steps: int) -> None:
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step, records in resumed.items():
+        for rec in records:  # every run that logged this step logged exactly the straight numbers
+            assert rec == straight[step][0], (step, rec, straight[step][0])
+
+
+def ok(p: subprocess.CompletedProcess, rc: int = 0) -> None:
+    assert p.returncode == rc, f"exit {p.returncode} != {rc}\n{p.stderr[-4000:]}"
+
+
+def ckpt(dump: str) -> str:
+    return os.path.join(dump, "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    dump = str(tmp_path_factory.mktemp("straight"))
+    ok(train(dump, *RUN))
+    hist = metrics(dump)
+    assert sorted(hist) == list(range(1, 13)) and all(len(v) == 1 for v in hist.values())
+    assert complete_steps(ckpt(dump)) == ([4, 8, 12], [])
+    return hist
+
+
+def test_kill_crash_during_save_sigterm_resume_bit_identical(tmp_path, straight):
+    dump = str(tmp_path)
+    # SIGKILL in the middle of step 6's gradient accumulation (after checkpoint 4).
+    ok(train(dump, *RUN, fault="accum@6"), -9)
+    assert complete_steps(ckpt(dump)) == ([4], [])
+    # Resume; SIGKILL after marker, before the rename of step 8: step-8 never appears.
+    ok(train(dump, *RUN, fault="before_rename@8"), -9)
+    assert complete_steps(ckpt(dump)) == ([4], [".step-8.tmp"])
+    assert os.path.exists(os.path.join(ckpt(dump), ".step-8.tmp", COMPLETE_MARKER))
+    # Resume (the half-written folder is reported, step 4 is picked); SIGKILL while/after the
+    # shards are written, before the marker.
+    p = train(dump, *RUN, fault="shards_written@8")
+    ok(p, -9)
+    assert "ignoring incomplete checkpoint" in p.stderr and "step-4 (step 4" in p.stderr
+    # Resume; SIGTERM during step 10: checkpoint 10 and a clean exit with the documented status.
+    p = train(dump, *RUN, fault="sigterm_accum@10")
+    ok(p, PREEMPTED)
+    assert complete_steps(ckpt(dump)) == ([4, 8, 10], [])
+    assert max(metrics(dump)) == 10
+    # Resume from 10 to the end.
+    p = train(dump, *RUN)
+    ok(p)
+    assert "step-10 (step 10" in p.stderr
+    assert_same_history(metrics(dump), straight, 12)
+    # The epoch wrapped before checkpoint 8 (its data state is in epoch 1).
+    blob = _read(os.path.join(ckpt(dump), "step-8"), "dataloader.dp_rank_0")
+    assert json.loads(bytes(blob.tolist()))["sampler"]["epoch"] == 1
+
+
+def test_crash_at_save_begin_then_async_resume(tmp_path, straight):
+    dump = str(tmp_path)
+    ok(train(dump, *RUN, "--checkpoint.async_mode", "async", fault="save_begin@8"), -9)
+    assert complete_steps(ckpt(dump)) == ([4], [".step-8.tmp"])
+    ok(train(dump, *RUN, "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "2"))
+    assert_same_history(metrics(dump), straight, 12)
+    # keep_latest_k = 2 and the crashed leftovers pruned.
+    assert complete_steps(ckpt(dump)) == ([8, 12], [])
+
+
+def _read(step_dir: str, fqn: str) -> torch.Tensor:
+    meta = read_metadata(step_dir, "test").state_dict_metadata[fqn]
+    t = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    dcp.load({fqn: t}, checkpoint_id=step_dir, no_dist=True)
+    return t
+
+
+def _full_model(step_dir: str) -> dict[str, torch.Tensor]:
+    meta = read_metadata(step_dir, "test").state_dict_metadata
+    return {k[len("model.") :]: _read(step_dir, k) for k in meta if k.startswith("model.")}
+
+
+def test_stage1_to_stage2_chain(tmp_path):
+    s1 = str(tmp_path / "s1")
+    ok(train(s1, *RUN, "--training.steps", "3", "--training.trainable", '["projector"]'))
+    w1 = _full_model(os.path.join(ckpt(s1), "step-3"))
+    init = _start_weights(tmp_path / "init", "--training.trainable", '["projector"]')
+    w2 = _start_weights(
+        tmp_path / "s2",
+        "--training.trainable", '["projector","llm","vision"]',
+        "--checkpoint.initial_load_path", os.path.join(ckpt(s1), "step-3"),
+        "--checkpoint.initial_load_model_only", "true",
+    )  # fmt: skip
+    assert w1.keys() == w2.keys() == init.keys()
+    for k in w1:
+        assert torch.equal(w2[k], w1[k]), k  # stage 2 starts from stage 1's last weights
+        if k.startswith(("language_model.", "vision_tower.")):
+            assert torch.equal(w2[k], init[k]), k  # frozen in stage 1: the initial weights
+    changed = [k for k in w1 if k.startswith("projector.") and not torch.equal(w1[k], init[k])]
+    assert changed, "stage 1 did not train the projector: the chain test would prove nothing"
+
+
+def _start_weights(dump, *overrides: str) -> dict[str, torch.Tensor]:
+    """The weights a run starts from (step 0: after init and initial loads), taken from the
+    trainer's model in a separate process and written with torch.save (no checkpoint code)."""
+    out = str(dump) + ".pt"
+    args = ["--job.config_file", CONFIG, "--job.dump_folder", str(dump), *RUN, *overrides]
+    code = (
+        "import sys, torch; from titan_llava.config import load_config; "
+        "from titan_llava.train import Trainer; "
+        f"t = Trainer(load_config({args!r})); "
+        "sd = {k: (v.full_tensor() if hasattr(v, 'full_tensor') else v).detach().clone() "
+        "for k, v in t.model.state_dict().items()}; "
+        f"torch.save(sd, {out!r}); t.close()"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    ok(p)
+    return torch.load(out, weights_only=True)
+
+
+# ----- folder rules and the safe reader (no subprocess) -----
+def test_complete_steps_and_resolve(tmp_path):
+    for name, marker in (("step-2", True), ("step-10", True), ("step-12", False),
+                         (".step-14.tmp", True), ("other", True)):  # fmt: skip
+        d = tmp_path / name
+        d.mkdir()
+        (d / ".metadata").write_bytes(b"")
+        if marker:
+            (d / COMPLETE_MARKER).write_text("{}")
+    assert complete_steps(str(tmp_path)) == ([2, 10], [".step-14.tmp", "step-12"])
+    assert resolve_step_dir(str(tmp_path), "k") == str(tmp_path / "step-10")
+    with pytest.raises(ValueError, match="initial_load_path"):
+        resolve_step_dir(str(tmp_path / "step-12"), "checkpoint.initial_load_path")
+
+
+def test_fault_point_parsing(monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "accum@6, nan_loss@3@1")
+    assert fault_point("accum", 6, 0) and fault_point("accum", 6, 1)
+    assert not fault_point("accum", 5, 0)
+    assert fault_point("nan_loss", 3, 1) and not fault_point("nan_loss", 3, 0)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_metadata_unpickler_refuses_foreign_classes(tmp_path):
+    d = tmp_path / "step-1"
+    d.mkdir()
+    (d / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(ValueError, match="refused"):
+        read_metadata(str(d), "checkpoint.initial_load_path")
+
+
+def test_pickled_entries_are_refused(tmp_path):
+    step = str(tmp_path / "step-1")
+    dcp.save({"x": torch.ones(2), "obj": {"a": [1, 2]}}, checkpoint_id=step, no_dist=True)
+    read_metadata(step, "k")  # DCP's own metadata passes the restricted unpickler
+    x = torch.zeros(2)
+    dcp.load({"x": x}, checkpoint_id=step, planner=TensorOnlyLoadPlanner(), no_dist=True)
+    assert torch.equal(x, torch.ones(2))
+    with pytest.raises(Exception) as err:  # DCP wraps the planner's ValueError per rank
+        dcp.load({"obj": {"a": None}}, checkpoint_id=step, planner=TensorOnlyLoadPlanner(),
+                 no_dist=True)  # fmt: skip
+    assert "is a pickled object, not a tensor: refused" in str(getattr(err.value, "failures", err))
