@@ -45,7 +45,7 @@ def train(dump: str, *extra: str, fault: str = "", nproc: int = 1, timeout: int 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "titan_llava.train"]  # fmt: skip
     cmd += ["--job.config_file", CONFIG, "--job.dump_folder", dump, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def metrics(dump: str) -> dict[int, list[tuple[float, float, float]]]:
@@ -170,7 +170,7 @@ def _start_weights(dump, *overrides: str) -> dict[str, torch.Tensor]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)  # fmt: skip
+                       text=True, timeout=120, check=False)  # fmt: skip
     ok(p)
     return torch.load(out, weights_only=True)
 
@@ -217,7 +217,7 @@ def test_pickled_entries_are_refused(tmp_path):
     x = torch.zeros(2)
     dcp.load({"x": x}, checkpoint_id=step, planner=TensorOnlyLoadPlanner(), no_dist=True)
     assert torch.equal(x, torch.ones(2))
-    with pytest.raises(Exception) as err:  # DCP wraps the planner's ValueError per rank
+    with pytest.raises(BaseException) as err:  # DCP wraps the planner's ValueError per rank
         dcp.load({"obj": {"a": None}}, checkpoint_id=step, planner=TensorOnlyLoadPlanner(),
                  no_dist=True)  # fmt: skip
     assert "is a pickled object, not a tensor: refused" in str(getattr(err.value, "failures", err))
