@@ -378,8 +378,10 @@ class Trainer:
         return 0
 
     def close(self) -> None:
+        """Finish pending checkpoint writes, stop the data pipeline's threads, flush metrics."""
         if hasattr(self, "checkpointer"):
             self.checkpointer.close()
+        self.data_loader.close()
         self.metrics.close()
 
 
