@@ -290,11 +290,13 @@ class CheckpointManager:
             return self.load(path, "checkpoint.initial_load_path")
         return 0
 
-    def load(self, step_dir: str, key: str) -> int:
+    def load(self, step_dir: str, key: str, data: bool = True) -> int:
+        """Restore a step folder into this run. data=False restores everything but the data
+        loader (whose per-rank state cannot move to another data-parallel degree)."""
         meta = read_metadata(step_dir, key).state_dict_metadata
         saved_dp = int(_load_plain(step_dir, "dataloader.dp_world_size", meta, key))
         dp = self.data_loader.dp_world_size
-        if saved_dp != dp:
+        if data and saved_dp != dp:
             raise ValueError(
                 f"{step_dir} was saved with {saved_dp} data-parallel ranks, this run has {dp}: the "
                 "model and optimizer would reshard, but each rank's data position cannot. Resume "
@@ -304,7 +306,7 @@ class CheckpointManager:
             )
         sd = self._state_dict(for_save=False)
         rank_key = f"dataloader.dp_rank_{self.data_loader.dp_rank}"
-        sd["dataloader"] = {rank_key.split(".", 1)[1]: _alloc(meta, rank_key)}
+        sd["dataloader"] = {rank_key.split(".", 1)[1]: _alloc(meta, rank_key)} if data else {}
         sd["optimizer"]["param_groups"] = _alloc(meta, "optimizer.param_groups")
         sd["lr_scheduler"] = _alloc(meta, "lr_scheduler")
         sd["train_state"]["step"] = torch.zeros((), dtype=torch.int64)
@@ -327,14 +329,11 @@ class CheckpointManager:
         sched = self.lr_scheduler.state_dict()
         sched.update(blob_to_json(sd["lr_scheduler"]))
         self.lr_scheduler.load_state_dict(sched)
-        self.data_loader.load_state_dict(
-            {
-                "dp_world_size": saved_dp,
-                rank_key.split(".", 1)[1]: bytes(
-                    sd["dataloader"][rank_key.split(".", 1)[1]].tolist()
-                ),
-            }
-        )
+        if data:
+            entry = rank_key.split(".", 1)[1]
+            self.data_loader.load_state_dict(
+                {"dp_world_size": saved_dp, entry: bytes(sd["dataloader"][entry].tolist())}
+            )
         self._restore_rng(sd["train_state"], rng_keys)
         self.tokens_seen = int(sd["train_state"]["tokens_seen"])
         step = int(sd["train_state"]["step"])

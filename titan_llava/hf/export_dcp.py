@@ -6,6 +6,7 @@ chains), and the model tensors of a sharded DCP step folder, streamed on one pro
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -131,12 +132,14 @@ class DcpModelReader:
             k: torch.empty(tuple(self._entries[k].size), dtype=self._entries[k].properties.dtype)
             for k in keys
         }
-        dcp.load(
-            {"model": state},
-            storage_reader=SafeFileSystemReader(self.step_dir),
-            planner=TensorOnlyLoadPlanner(),
-            no_dist=True,
-        )
+        with warnings.catch_warnings():  # one process without a process group is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(
+                {"model": state},
+                storage_reader=SafeFileSystemReader(self.step_dir),
+                planner=TensorOnlyLoadPlanner(),
+                no_dist=True,
+            )
         return state
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
