@@ -11,7 +11,15 @@ import sys
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tests.test_checkpoint import CONFIG, ROOT, assert_same_history, ckpt, metrics, ok, train
+from tests.test_checkpoint import (
+    CONFIG,
+    ROOT,
+    assert_same_history,
+    ckpt,
+    metrics,
+    ok,
+    train,
+)
 from titan_llava.checkpoint_io import complete_steps, read_metadata
 
 RUN2 = [
