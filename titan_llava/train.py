@@ -91,27 +91,11 @@ def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _single_process_env() -> None:
-    """Outside torchrun, make this process a world of one, so that a plain `python -m` run takes
-    exactly the code path (FSDP2, mixed precision, collectives) of a multi-process run."""
-    if "RANK" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-
-
 class Trainer:
     """One training run. Build with a validated JobConfig; `train()` runs it to the last step."""
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
-        _single_process_env()
         self.rank, self.world_size, self.device = init_distributed()
         setup_logging(self.rank)
         # Config errors must surface before any work (and on every rank alike).
