@@ -30,9 +30,13 @@ def _random_model(vocab_size: int = 1024, seed: int = 0) -> LlavaNext:
     args.llm.rope_theta = 5e5  # not HF's default, so a dropped rope setting would show
     model = LlavaNext(args)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # random norms and biases too: any key mix-up changes the logits
+    with (
+        torch.no_grad()
+    ):  # random norms and biases too: any key mix-up changes the logits
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if p.ndim == 1 else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=g) * 0.05 + (1.0 if p.ndim == 1 else 0.0)
+            )
     return model.eval()
 
 
@@ -51,7 +55,11 @@ def exported(tmp_path_factory):
     model = _random_model()
     out = str(tmp_path_factory.mktemp("export") / "out")
     report = export_state_dict(
-        model.state_dict().items(), model.args, TOKENIZER, out, torch.float32,
+        model.state_dict().items(),
+        model.args,
+        TOKENIZER,
+        out,
+        torch.float32,
         max_shard_bytes=300_000,
     )
     return model, out, report
@@ -59,7 +67,9 @@ def exported(tmp_path_factory):
 
 def test_transformers_loads_with_no_missing_keys(exported):
     model, out, report = exported
-    assert len(report.shards) > 1  # the index + several shards path is the one exercised
+    assert (
+        len(report.shards) > 1
+    )  # the index + several shards path is the one exercised
     hf, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(
         out, use_safetensors=True, output_loading_info=True
     )
@@ -69,12 +79,20 @@ def test_transformers_loads_with_no_missing_keys(exported):
     assert cfg.image_token_index == 1000 and cfg.text_config.vocab_size == 1024
     assert cfg.text_config.pad_token_id == 1001
     assert cfg.vision_config.num_hidden_layers == 3 and cfg.vision_feature_layer == -2
-    assert [tuple(p) for p in cfg.image_grid_pinpoints] == [(h, w) for w, h in model.args.grid_pinpoints]
+    assert [tuple(p) for p in cfg.image_grid_pinpoints] == [
+        (h, w) for w, h in model.args.grid_pinpoints
+    ]
     # Our model tensors, bit for bit, under the llava-hf names.
     hf_sd = hf.state_dict()
     for ours, hf_key in [
-        ("language_model.layers.1.attention.wk.weight", "model.language_model.layers.1.self_attn.k_proj.weight"),
-        ("vision_tower.layers.0.norm2.bias", "model.vision_tower.encoder.layers.0.layer_norm2.bias"),
+        (
+            "language_model.layers.1.attention.wk.weight",
+            "model.language_model.layers.1.self_attn.k_proj.weight",
+        ),
+        (
+            "vision_tower.layers.0.norm2.bias",
+            "model.vision_tower.encoder.layers.0.layer_norm2.bias",
+        ),
         ("projector.linear_2.weight", "model.multi_modal_projector.linear_2.weight"),
         ("image_newline", "model.image_newline"),
         ("language_model.output.weight", "lm_head.weight"),
@@ -82,12 +100,18 @@ def test_transformers_loads_with_no_missing_keys(exported):
         assert torch.equal(model.state_dict()[ours], hf_sd[hf_key]), ours
 
 
-@pytest.mark.parametrize("size", [(500, 300), (300, 500), (336, 336), (1000, 200), (640, 480), (90, 700)])
+@pytest.mark.parametrize(
+    "size", [(500, 300), (300, 500), (336, 336), (1000, 200), (640, 480), (90, 700)]
+)
 def test_processor_image_token_count_matches_ours(exported, size):
     model, out, _ = exported
     processor = transformers.LlavaNextProcessor.from_pretrained(out)
-    inputs = processor(images=synthetic_image(*size), text="<image>\nhi", return_tensors="pt")
-    expected = num_image_tokens(size, model.args.grid_pinpoints, model.args.vision.image_size)
+    inputs = processor(
+        images=synthetic_image(*size), text="<image>\nhi", return_tensors="pt"
+    )
+    expected = num_image_tokens(
+        size, model.args.grid_pinpoints, model.args.vision.image_size
+    )
     assert int((inputs["input_ids"] == 1000).sum()) == expected
 
 
@@ -98,7 +122,13 @@ def test_tokenizer_json_matches_sentencepiece(exported):
     ours = Tokenizer(TOKENIZER)
     with open(os.path.join(ASSETS, "tokenizer", "corpus.txt")) as f:
         lines = [line for line in f.read().splitlines() if line][:300]
-    lines += ["  two  spaces", "tab\tand\nnewline", "ünïcödé 日本 🙂", "a</s>b", "x ASSISTANT: y</s>"]
+    lines += [
+        "  two  spaces",
+        "tab\tand\nnewline",
+        "ünïcödé 日本 🙂",
+        "a</s>b",
+        "x ASSISTANT: y</s>",
+    ]
     for text in lines:
         assert hf_tok(text)["input_ids"] == ours.encode(text, bos=True), text
     assert hf_tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [1000, 1001]
@@ -124,23 +154,36 @@ def test_parity_gate_passes_and_is_sensitive(exported):
 def test_bfloat16_export_gate_and_cast(tmp_path):
     model = _random_model()
     out = str(tmp_path / "bf16")
-    export_state_dict(model.state_dict().items(), model.args, TOKENIZER, out, torch.bfloat16)
+    export_state_dict(
+        model.state_dict().items(), model.args, TOKENIZER, out, torch.bfloat16
+    )
     tensors = _tensors(out)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     w = model.state_dict()["projector.linear_1.weight"]
-    assert torch.equal(tensors["multi_modal_projector.linear_1.weight"], w.to(torch.bfloat16))
-    result = verify_export(out, lambda dtype: copy.deepcopy(model), TOKENIZER, torch.bfloat16)
+    assert torch.equal(
+        tensors["multi_modal_projector.linear_1.weight"], w.to(torch.bfloat16)
+    )
+    result = verify_export(
+        out, lambda dtype: copy.deepcopy(model), TOKENIZER, torch.bfloat16
+    )
     assert result.ok, result.summary()
 
 
 def test_vocab_padded_to_64_with_mean_rows(tmp_path):
-    model = _random_model(vocab_size=1000)  # exactly the tokenizer: <image>, <pad> need new rows
+    model = _random_model(
+        vocab_size=1000
+    )  # exactly the tokenizer: <image>, <pad> need new rows
     out = str(tmp_path / "pad")
-    report = export_state_dict(model.state_dict().items(), model.args, TOKENIZER, out, torch.float32)
+    report = export_state_dict(
+        model.state_dict().items(), model.args, TOKENIZER, out, torch.float32
+    )
     assert report.vocab_rows == (1000, 1024)
     tensors = _tensors(out)
     for ours, hf_key in [
-        ("language_model.tok_embeddings.weight", "language_model.model.embed_tokens.weight"),
+        (
+            "language_model.tok_embeddings.weight",
+            "language_model.model.embed_tokens.weight",
+        ),
         ("language_model.output.weight", "language_model.lm_head.weight"),
     ]:
         w, e = model.state_dict()[ours], tensors[hf_key]
@@ -156,13 +199,19 @@ def test_bad_inputs_name_the_problem(tmp_path):
     model = _random_model()
     sd = model.state_dict()
     with pytest.raises(ValueError, match="tokenizer"):
-        export_state_dict(sd.items(), model.args, str(tmp_path / "none.model"), str(tmp_path / "a"))
+        export_state_dict(
+            sd.items(), model.args, str(tmp_path / "none.model"), str(tmp_path / "a")
+        )
     short = [(k, v) for k, v in sd.items() if k != "image_newline"]
     with pytest.raises(ValueError, match="missing"):
         export_state_dict(short, model.args, TOKENIZER, str(tmp_path / "b"))
-    wrong = [(k, v[:-1] if k == "projector.linear_1.bias" else v) for k, v in sd.items()]
+    wrong = [
+        (k, v[:-1] if k == "projector.linear_1.bias" else v) for k, v in sd.items()
+    ]
     with pytest.raises(ValueError, match="projector.linear_1.bias"):
         export_state_dict(wrong, model.args, TOKENIZER, str(tmp_path / "c"))
     small = _random_model(vocab_size=512)
     with pytest.raises(ValueError, match="1000 pieces"):
-        export_state_dict(small.state_dict().items(), small.args, TOKENIZER, str(tmp_path / "d"))
+        export_state_dict(
+            small.state_dict().items(), small.args, TOKENIZER, str(tmp_path / "d")
+        )

@@ -17,9 +17,22 @@ from titan_llava.hf.safetensors_io import SafetensorsCheckpoint
 pytest.importorskip("transformers")
 
 # lr 0: the saved weights are exactly the HF start, whatever the number of ranks.
-FROZEN = ["--training.steps", "1", "--checkpoint.enable", "true", "--checkpoint.interval", "1",
-          "--optimizer.lr", "0", "--optimizer.vision_lr", "0", "--training.global_batch_size", "4",
-          "--lr_scheduler.warmup_steps", "0"]
+FROZEN = [
+    "--training.steps",
+    "1",
+    "--checkpoint.enable",
+    "true",
+    "--checkpoint.interval",
+    "1",
+    "--optimizer.lr",
+    "0",
+    "--optimizer.vision_lr",
+    "0",
+    "--training.global_batch_size",
+    "4",
+    "--lr_scheduler.warmup_steps",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,24 +42,31 @@ def hf_start(tmp_path_factory):
 
 # HF key -> the llava-hf layout the export writes (first matching prefix); transformers saves
 # either that layout (kept) or its newer one (renamed).
-_PREFIXES = [("language_model.", "language_model."), ("vision_tower.vision_model.",
-             "vision_tower.vision_model."), ("vision_tower.", "vision_tower.vision_model."),
-             ("multi_modal_projector.", "multi_modal_projector."),
-             ("image_newline", "image_newline"),("model.language_model.", "language_model.model."),
-             ("model.vision_tower.", "vision_tower.vision_model."),
-             ("model.multi_modal_projector.", "multi_modal_projector."),
-             ("model.image_newline", "image_newline"), ("lm_head.", "language_model.lm_head.")]
+_PREFIXES = [
+    ("language_model.", "language_model."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("image_newline", "image_newline"),
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
+    ("lm_head.", "language_model.lm_head."),
+]
 
 
 def _llava_hf_name(key: str) -> str:
     for old, new in _PREFIXES:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     raise AssertionError(key)
 
 
 def _export(step_dir: str, out: str, *extra: str) -> int:
-    return export_main(["--checkpoint", step_dir, "--output", out, "--dtype", "float32", *extra])
+    return export_main(
+        ["--checkpoint", step_dir, "--output", out, "--dtype", "float32", *extra]
+    )
 
 
 def test_two_process_checkpoint_exports_like_one_and_round_trips(hf_start, tmp_path):
@@ -70,23 +90,39 @@ def test_two_process_checkpoint_exports_like_one_and_round_trips(hf_start, tmp_p
     for ours, theirs in names.items():
         assert torch.equal(a[ours], start.get(theirs)), ours
     # The exported directory is itself a valid start for a new run (and exports back unchanged).
-    assert "vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight" in a  # never built by us
+    assert (
+        "vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight" in a
+    )  # never built by us
 
 
 def test_trained_checkpoint_passes_the_gate(hf_start, tmp_path, capsys):
     dump = str(tmp_path / "run")
-    run_train(dump, ["--training.steps", "2", "--checkpoint.enable", "true",
-                     "--checkpoint.interval", "2", *hf_init(hf_start)])
+    run_train(
+        dump,
+        [
+            "--training.steps",
+            "2",
+            "--checkpoint.enable",
+            "true",
+            "--checkpoint.interval",
+            "2",
+            *hf_init(hf_start),
+        ],
+    )
     step = os.path.join(dump, "checkpoint", "step-2")
     out = str(tmp_path / "out")
     assert _export(step, out) == 0  # runs the parity gate (transformers is installed)
     # Trained weights differ from the start; the unbuilt CLIP tensors do not.
     exp, start = _tensors(out), SafetensorsCheckpoint(hf_start)
     start_t = {_llava_hf_name(k): start.get(k) for k in start.keys()}
-    assert not torch.equal(exp["multi_modal_projector.linear_1.weight"],
-                           start_t["multi_modal_projector.linear_1.weight"])
-    for key in ("vision_tower.vision_model.post_layernorm.bias",
-                "vision_tower.vision_model.encoder.layers.2.self_attn.q_proj.weight"):
+    assert not torch.equal(
+        exp["multi_modal_projector.linear_1.weight"],
+        start_t["multi_modal_projector.linear_1.weight"],
+    )
+    for key in (
+        "vision_tower.vision_model.post_layernorm.bias",
+        "vision_tower.vision_model.encoder.layers.2.self_attn.q_proj.weight",
+    ):
         assert torch.equal(exp[key], start_t[key]), key
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -25,7 +25,11 @@ from titan_llava.models.args import LlavaNextArgs
 
 logger = logging.getLogger("titan_llava")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 
 
@@ -76,8 +80,11 @@ def export_state_dict(
     rows, padded = report.vocab_rows
     report.notes.append(
         f"vocab rows {rows} -> {padded} (<image>={tok.image_token_id}, <pad>={tok.pad_token_id}); "
-        + (f"rows {rows}..{padded - 1} are the mean of the model's rows" if padded > rows else
-           "no rows added")
+        + (
+            f"rows {rows}..{padded - 1} are the mean of the model's rows"
+            if padded > rows
+            else "no rows added"
+        )
     )
     return report
 
@@ -86,18 +93,33 @@ def export_state_dict(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m titan_llava.hf.export", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="DCP step folder: DUMP/checkpoint/step-N")
+    p = argparse.ArgumentParser(
+        prog="python -m titan_llava.hf.export", description=__doc__
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="DCP step folder: DUMP/checkpoint/step-N"
+    )
     p.add_argument("--output", required=True, help="output directory (created)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--config", help="the run's config (TOML or dumped config.json); default: "
-                   "the config.json of the run that wrote the checkpoint")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: the run's model.tokenizer_path)")
-    p.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1000**3)
+    p.add_argument(
+        "--config",
+        help="the run's config (TOML or dumped config.json); default: "
+        "the config.json of the run that wrote the checkpoint",
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer.model (default: the run's model.tokenizer_path)"
+    )
+    p.add_argument(
+        "--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1000**3
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate")
-    p.add_argument("--verify-image", help="image file for the parity gate (default: synthetic)")
+    p.add_argument(
+        "--verify-image", help="image file for the parity gate (default: synthetic)"
+    )
     p.add_argument("--verify-prompt", default="Describe this image.")
-    p.add_argument("--atol", type=float, default=1e-4, help="parity gate: max |logit diff|")
+    p.add_argument(
+        "--atol", type=float, default=1e-4, help="parity gate: max |logit diff|"
+    )
     return p
 
 
@@ -129,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {a.output}: {report.tensors} tensors, {report.bytes / 1e9:.3f} GB in "
         f"{len(report.shards)} shard(s), {time.perf_counter() - t0:.1f}s"
     )
-    logger.info(f"vision layers past the selected one + post_layernorm: {report.extra_vision_source}")
+    logger.info(
+        f"vision layers past the selected one + post_layernorm: {report.extra_vision_source}"
+    )
     for note in report.notes:
         logger.info(note)
     if a.no_verify:

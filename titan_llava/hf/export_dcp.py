@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -27,7 +27,9 @@ from titan_llava.models.args import LlavaNextArgs
 MODEL_PREFIX = "model."  # the checkpoint's "model" entry, flattened by DCP
 CONFIG_FILE = "config.json"
 _MAX_CHAIN = 8  # runs initialised from runs initialised from ... (stage 1 -> 2 -> more)
-_READ_BATCH_BYTES = 1 << 30  # tensors read per dcp.load call (bounds the reader's memory)
+_READ_BATCH_BYTES = (
+    1 << 30
+)  # tensors read per dcp.load call (bounds the reader's memory)
 
 
 def find_run_config(step_dir: str) -> str:
@@ -56,7 +58,9 @@ class RunInfo:
     args: LlavaNextArgs
     arch_source: str
     tokenizer_path: str
-    vision_source: str | None  # HF directory holding the pretrained CLIP tower; None = random init
+    vision_source: (
+        str | None
+    )  # HF directory holding the pretrained CLIP tower; None = random init
     seed: int
 
 
@@ -73,13 +77,19 @@ def _pretrained_vision_dir(cfg: JobConfig, config_path: str) -> str | None:
             dirs = hf_dirs(ck.initial_load_path)
             return dirs.get("llava_dir") or dirs["clip_dir"]
         # A DCP step folder (or a checkpoint folder) of an earlier run: ask that run.
-        step_dir = resolve_step_dir(ck.initial_load_path, f"{seen[-1]}: checkpoint.initial_load_path")
+        step_dir = resolve_step_dir(
+            ck.initial_load_path, f"{seen[-1]}: checkpoint.initial_load_path"
+        )
         path = find_run_config(step_dir)
         if path in seen:
-            raise ValueError(f"checkpoint.initial_load_path chain loops: {' -> '.join(seen + [path])}")
+            raise ValueError(
+                f"checkpoint.initial_load_path chain loops: {' -> '.join(seen + [path])}"
+            )
         seen.append(path)
         cfg = load_run_config(path)
-    raise ValueError(f"checkpoint.initial_load_path chain longer than {_MAX_CHAIN}: {seen}")
+    raise ValueError(
+        f"checkpoint.initial_load_path chain longer than {_MAX_CHAIN}: {seen}"
+    )
 
 
 def resolve_run(
@@ -122,17 +132,23 @@ class DcpModelReader:
             if fqn.startswith(MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)
         }
         if not self._entries:
-            raise ValueError(f"--checkpoint {self.step_dir}: no model tensors in the checkpoint")
+            raise ValueError(
+                f"--checkpoint {self.step_dir}: no model tensors in the checkpoint"
+            )
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         state = {
-            k: torch.empty(tuple(self._entries[k].size), dtype=self._entries[k].properties.dtype)
+            k: torch.empty(
+                tuple(self._entries[k].size), dtype=self._entries[k].properties.dtype
+            )
             for k in keys
         }
-        with warnings.catch_warnings():  # one process without a process group is the intent
+        with (
+            warnings.catch_warnings()
+        ):  # one process without a process group is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(
                 {"model": state},
@@ -169,10 +185,14 @@ class DcpModelReader:
         loaded = set()
         for key, tensor in self.tensors():
             if key not in params:
-                raise ValueError(f"checkpoint tensor {key!r} is not a LlavaNext parameter")
+                raise ValueError(
+                    f"checkpoint tensor {key!r} is not a LlavaNext parameter"
+                )
             params[key].copy_(tensor)
             loaded.add(key)
         missing = sorted(set(params) - loaded)
         if missing:
-            raise ValueError(f"{self.step_dir}: model tensors missing, e.g. {missing[:3]}")
+            raise ValueError(
+                f"{self.step_dir}: model tensors missing, e.g. {missing[:3]}"
+            )
         return model.to(dtype).eval()

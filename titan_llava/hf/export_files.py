@@ -20,7 +20,9 @@ from titan_llava.models.args import LlavaNextArgs
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
-VOCAB_MULTIPLE = 64  # llava-hf pads the vocabulary rows to a multiple of 64 (32000 + 2 -> 32064)
+VOCAB_MULTIPLE = (
+    64  # llava-hf pads the vocabulary rows to a multiple of 64 (32000 + 2 -> 32064)
+)
 
 # vicuna_v1 as a chat template (what titan_llava.data.conversation trains on): system + " ", then
 # "USER: " + one "<image>\n" per image + text + " " and "ASSISTANT: " + text + "</s>" per turn. The
@@ -72,7 +74,9 @@ class TokenizerInfo:
 
 def tokenizer_info(tokenizer_path: str) -> TokenizerInfo:
     if not os.path.isfile(tokenizer_path):
-        raise ValueError(f"tokenizer {tokenizer_path!r} does not exist (model.tokenizer_path)")
+        raise ValueError(
+            f"tokenizer {tokenizer_path!r} does not exist (model.tokenizer_path)"
+        )
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     return TokenizerInfo(sp.get_piece_size(), sp.bos_id(), sp.eos_id(), sp.unk_id())
 
@@ -129,7 +133,9 @@ def llava_next_config(args: LlavaNextArgs, tok: TokenizerInfo, dtype_name: str) 
         "multimodal_projector_bias": True,
         "vision_feature_select_strategy": "default",
         "vision_feature_layer": vis.select_layer,
-        "image_grid_pinpoints": [[h, w] for w, h in args.grid_pinpoints],  # HF: [height, width]
+        "image_grid_pinpoints": [
+            [h, w] for w, h in args.grid_pinpoints
+        ],  # HF: [height, width]
         "use_image_newline_parameter": True,
         "image_seq_length": vis.num_patches,
         "tie_word_embeddings": False,
@@ -233,7 +239,9 @@ def write_metadata_files(
     tok = tokenizer_info(tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
     shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-    _write_json(os.path.join(out_dir, "config.json"), llava_next_config(args, tok, dtype_name))
+    _write_json(
+        os.path.join(out_dir, "config.json"), llava_next_config(args, tok, dtype_name)
+    )
     _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(tok))
     _write_json(
         os.path.join(out_dir, "tokenizer_config.json"),
@@ -241,13 +249,23 @@ def write_metadata_files(
     )
     _write_json(
         os.path.join(out_dir, "tokenizer.json"),
-        tokenizer_json(tokenizer_path, {tok.image_token_id: IMAGE_TOKEN, tok.pad_token_id: PAD_TOKEN}),
+        tokenizer_json(
+            tokenizer_path,
+            {tok.image_token_id: IMAGE_TOKEN, tok.pad_token_id: PAD_TOKEN},
+        ),
     )
     _write_json(
         os.path.join(out_dir, "special_tokens_map.json"),
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": PAD_TOKEN},
+        {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": PAD_TOKEN,
+        },
     )
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"), preprocessor_config(args))
+    _write_json(
+        os.path.join(out_dir, "preprocessor_config.json"), preprocessor_config(args)
+    )
     _write_json(os.path.join(out_dir, "processor_config.json"), processor_config(args))
     with open(os.path.join(out_dir, "chat_template.jinja"), "w") as f:
         f.write(VICUNA_CHAT_TEMPLATE)

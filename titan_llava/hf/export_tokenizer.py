@@ -13,7 +13,9 @@ import sentencepiece as spm
 SPACE = "\u2581"  # SentencePiece's visible space
 
 
-def _bpe_vocab_and_merges(sp: spm.SentencePieceProcessor) -> tuple[dict[str, int], list[str]]:
+def _bpe_vocab_and_merges(
+    sp: spm.SentencePieceProcessor,
+) -> tuple[dict[str, int], list[str]]:
     """Vocab {piece: id} and BPE merges ranked like SentencePiece's own merge order.
 
     SentencePiece BPE merges the adjacent pair whose merged piece has the highest score; a
@@ -29,7 +31,9 @@ def _bpe_vocab_and_merges(sp: spm.SentencePieceProcessor) -> tuple[dict[str, int
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in vocab and right in vocab:
-                ranked.append((-sp.get_score(i), i, vocab[left], vocab[right], left, right))
+                ranked.append(
+                    (-sp.get_score(i), i, vocab[left], vocab[right], left, right)
+                )
     ranked.sort()
     return vocab, [f"{left} {right}" for *_, left, right in ranked]
 
@@ -51,7 +55,11 @@ def tokenizer_json(tokenizer_path: str, added: dict[int, str]) -> dict:
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     vocab, merges = _bpe_vocab_and_merges(sp)
     unk, bos, eos = sp.unk_id(), sp.bos_id(), sp.eos_id()
-    specials = {unk: sp.id_to_piece(unk), bos: sp.id_to_piece(bos), eos: sp.id_to_piece(eos)}
+    specials = {
+        unk: sp.id_to_piece(unk),
+        bos: sp.id_to_piece(bos),
+        eos: sp.id_to_piece(eos),
+    }
     specials.update(added)
     bos_piece = specials[bos]
     return {
@@ -80,7 +88,9 @@ def tokenizer_json(tokenizer_path: str, added: dict[int, str]) -> dict:
                 {"SpecialToken": {"id": bos_piece, "type_id": 1}},
                 {"Sequence": {"id": "B", "type_id": 1}},
             ],
-            "special_tokens": {bos_piece: {"id": bos_piece, "ids": [bos], "tokens": [bos_piece]}},
+            "special_tokens": {
+                bos_piece: {"id": bos_piece, "ids": [bos], "tokens": [bos_piece]}
+            },
         },
         "decoder": {
             "type": "Sequence",

@@ -6,7 +6,7 @@ count, prompt ids, max logit difference and greedy continuation must all agree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -40,25 +40,31 @@ class ParityResult:
         )
 
     def summary(self) -> str:
-        return "\n".join([
-            f"parity gate: {'PASS' if self.ok else 'FAIL'}",
-            f"  image tokens: ours {self.image_tokens_ours}, transformers {self.image_tokens_hf}",
-            f"  prompt ids equal: {self.ids_equal}",
-            f"  max |logit diff|: {self.max_abs_diff:.3e} (tolerance {self.atol:.1e})",
-            f"  greedy ours:         {self.greedy_ours} {self.text_ours!r}",
-            f"  greedy transformers: {self.greedy_hf} {self.text_hf!r}",
-        ])
+        return "\n".join(
+            [
+                f"parity gate: {'PASS' if self.ok else 'FAIL'}",
+                f"  image tokens: ours {self.image_tokens_ours}, transformers {self.image_tokens_hf}",
+                f"  prompt ids equal: {self.ids_equal}",
+                f"  max |logit diff|: {self.max_abs_diff:.3e} (tolerance {self.atol:.1e})",
+                f"  greedy ours:         {self.greedy_ours} {self.text_ours!r}",
+                f"  greedy transformers: {self.greedy_hf} {self.text_hf!r}",
+            ]
+        )
 
 
 def synthetic_image(width: int = 500, height: int = 300) -> Image.Image:
     """A deterministic, non-square test picture (so the AnyRes grid and unpadding are exercised)."""
     y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([(x * 255) // width, (y * 255) // height, ((x + y) * 7) % 256], axis=-1)
+    rgb = np.stack(
+        [(x * 255) // width, (y * 255) // height, ((x + y) * 7) % 256], axis=-1
+    )
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
 @torch.no_grad()
-def _greedy(step: Callable[[torch.Tensor], torch.Tensor], ids_1S: torch.Tensor, n: int, eos: int):
+def _greedy(
+    step: Callable[[torch.Tensor], torch.Tensor], ids_1S: torch.Tensor, n: int, eos: int
+):
     out: list[int] = []
     for _ in range(n):
         token = int(step(ids_1S)[0, -1].argmax())
@@ -94,7 +100,12 @@ def verify_export(
     args = ours.args
     image = Image.open(image_path).convert("RGB") if image_path else synthetic_image()
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": prompt}],
+        }
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     hf_inputs = processor(images=image, text=text, return_tensors="pt")
     image_token_id = hf.config.image_token_index
@@ -106,14 +117,20 @@ def verify_export(
     for t in encode_with_images(text, tok):
         ids.extend([IMAGE_TOKEN_INDEX] * n_img if t == IMAGE_TOKEN_INDEX else [t])
     ours_ids_1S = torch.tensor([ids])
-    pixels = process_anyres_image(image, args.grid_pinpoints, tile_size=args.vision.image_size)
+    pixels = process_anyres_image(
+        image, args.grid_pinpoints, tile_size=args.vision.image_size
+    )
     sizes = torch.tensor([image.size])
 
     result = ParityResult(atol=atol, image_tokens_ours=n_img)
     hf_ids_1S = hf_inputs["input_ids"]
     result.image_tokens_hf = int((hf_ids_1S == image_token_id).sum())
-    mapped_1S = torch.where(ours_ids_1S == IMAGE_TOKEN_INDEX, image_token_id, ours_ids_1S)
-    result.ids_equal = mapped_1S.shape == hf_ids_1S.shape and bool((mapped_1S == hf_ids_1S).all())
+    mapped_1S = torch.where(
+        ours_ids_1S == IMAGE_TOKEN_INDEX, image_token_id, ours_ids_1S
+    )
+    result.ids_equal = mapped_1S.shape == hf_ids_1S.shape and bool(
+        (mapped_1S == hf_ids_1S).all()
+    )
     if not result.ids_equal or result.image_tokens_hf != n_img:
         return result
 
@@ -124,7 +141,10 @@ def verify_export(
 
     eos = tok.eos_id
     result.greedy_ours = _greedy(
-        lambda x: ours(x, pixel_values=pixels, image_sizes=sizes), ours_ids_1S, max_new_tokens, eos
+        lambda x: ours(x, pixel_values=pixels, image_sizes=sizes),
+        ours_ids_1S,
+        max_new_tokens,
+        eos,
     )
     gen = hf.generate(**hf_inputs, max_new_tokens=max_new_tokens, do_sample=False)
     result.greedy_hf = gen[0, hf_ids_1S.shape[1] :].tolist()

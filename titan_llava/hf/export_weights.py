@@ -8,7 +8,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -40,12 +40,16 @@ def expected_extra_vision_keys(vision: CLIPVisionArgs) -> list[str]:
     return keys + list(POST_LAYERNORM_KEYS)
 
 
-def extra_vision_from_hf(directory: str, vision: CLIPVisionArgs) -> dict[str, torch.Tensor]:
+def extra_vision_from_hf(
+    directory: str, vision: CLIPVisionArgs
+) -> dict[str, torch.Tensor]:
     """The unbuilt CLIP tensors, unchanged, from an HF CLIP or LLaVA-NeXT safetensors directory."""
     ckpt = SafetensorsCheckpoint(directory)
     layout = LAYOUTS[detect_layout(ckpt.keys())]
     if layout.vision is None:
-        raise ValueError(f"{directory}: a {layout.name!r} checkpoint has no vision tower")
+        raise ValueError(
+            f"{directory}: a {layout.name!r} checkpoint has no vision tower"
+        )
     prefixes = sorted((layout.vision, *layout.vision_alt), key=len, reverse=True)
     wanted = set(expected_extra_vision_keys(vision))
     found: dict[str, torch.Tensor] = {}
@@ -64,7 +68,9 @@ def extra_vision_from_hf(directory: str, vision: CLIPVisionArgs) -> dict[str, to
     return found
 
 
-def extra_vision_from_init(vision: CLIPVisionArgs, seed: int) -> dict[str, torch.Tensor]:
+def extra_vision_from_init(
+    vision: CLIPVisionArgs, seed: int
+) -> dict[str, torch.Tensor]:
     """Deterministic stand-ins for a run that started from random init: our own CLIP init of a
     full-depth tower (seeded), its last layers, and a LayerNorm head (weight 1, bias 0). LLaVA never
     runs these tensors; they exist only so that HF finds every key."""
@@ -78,7 +84,9 @@ def extra_vision_from_init(vision: CLIPVisionArgs, seed: int) -> dict[str, torch
     out: dict[str, torch.Tensor] = {}
     for i in range(vision.n_built_layers, vision.n_layers):
         for ours, hf in CLIP_LAYER_KEYS.items():
-            out[f"encoder.layers.{i}.{hf}"] = tower.state_dict()[f"layers.{i}.{ours}"].detach()
+            out[f"encoder.layers.{i}.{hf}"] = tower.state_dict()[
+                f"layers.{i}.{ours}"
+            ].detach()
     out["post_layernorm.weight"] = torch.ones(vision.dim)
     out["post_layernorm.bias"] = torch.zeros(vision.dim)
     return out
@@ -130,7 +138,9 @@ class ShardWriter:
 
     def _flush(self) -> None:
         name = f"model-tmp-{len(self._tmp_files):05d}.safetensors"
-        save_file(self._buffer, os.path.join(self.out_dir, name), metadata={"format": "pt"})
+        save_file(
+            self._buffer, os.path.join(self.out_dir, name), metadata={"format": "pt"}
+        )
         self._tmp_files.append((name, list(self._buffer)))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -142,10 +152,15 @@ class ShardWriter:
         names = []
         for i, (tmp, keys) in enumerate(self._tmp_files):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, name))
+            os.replace(
+                os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, name)
+            )
             weight_map.update(dict.fromkeys(keys, name))
             names.append(name)
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         with open(os.path.join(self.out_dir, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
@@ -177,7 +192,9 @@ def write_weights(
     seen: set[str] = set()
     for key, tensor in our_tensors:
         if key not in expected:
-            raise ValueError(f"checkpoint tensor {key!r} is not a LlavaNext parameter of these args")
+            raise ValueError(
+                f"checkpoint tensor {key!r} is not a LlavaNext parameter of these args"
+            )
         if key in seen:
             raise ValueError(f"checkpoint tensor {key!r} appears twice")
         if tuple(tensor.shape) != expected[key]:
@@ -193,14 +210,18 @@ def write_weights(
         report.tensors += 1
     missing = sorted(set(expected) - seen)
     if missing:
-        raise ValueError(f"{len(missing)} model tensors missing from the checkpoint, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{len(missing)} model tensors missing from the checkpoint, e.g. {missing[:3]}"
+        )
     wanted = expected_extra_vision_keys(args.vision)
     if sorted(extra_vision) != sorted(wanted):
         raise ValueError(
             f"extra vision tensors: expected {sorted(wanted)[:4]}..., got {sorted(extra_vision)[:4]}..."
         )
     # Every CLIP layer has the shapes of our layer 0; the head is a LayerNorm over dim.
-    hf_to_layer0 = {hf: f"vision_tower.layers.0.{ours}" for ours, hf in CLIP_LAYER_KEYS.items()}
+    hf_to_layer0 = {
+        hf: f"vision_tower.layers.0.{ours}" for ours, hf in CLIP_LAYER_KEYS.items()
+    }
     vision_prefix = LAYOUTS[EXPORT_LAYOUT].vision
     for rest in wanted:
         tensor = extra_vision[rest]
