@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-./bench_out}
 BUDGET_S=${BUDGET_S:-390}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCH_NCCL_AVOID_RECORD_STREAMS=1
+export PYTHONUNBUFFERED=1
 B="python benchmarks/train_throughput.py --flavor ${FLAVOR:-llava-next-vicuna-7b} --samples 400 --num-workers 8 --warmup 3"
 S1="--stage 1 --local-batch-size 4 --steps 8"
 S2="--stage 2 --llm-layers 8 --local-batch-size 2 --grad-accum 2 --steps 6"
