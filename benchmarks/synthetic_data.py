@@ -22,22 +22,99 @@ from titan_llava.data.tokenizer import Tokenizer
 # some squares, portraits and large originals. Stage 2 (mix665k): mostly COCO (640 on the long
 # side), plus GQA/VG (500-800), OCR-VQA book covers (tall) and TextVQA (1024x768).
 STAGE1_SIZES: list[tuple[int, int, float]] = [
-    (500, 375, 0.20), (640, 480, 0.15), (500, 333, 0.10), (1024, 768, 0.10), (512, 512, 0.10),
-    (375, 500, 0.08), (800, 533, 0.07), (1280, 720, 0.06), (300, 225, 0.06), (1600, 1200, 0.04),
+    (500, 375, 0.20),
+    (640, 480, 0.15),
+    (500, 333, 0.10),
+    (1024, 768, 0.10),
+    (512, 512, 0.10),
+    (375, 500, 0.08),
+    (800, 533, 0.07),
+    (1280, 720, 0.06),
+    (300, 225, 0.06),
+    (1600, 1200, 0.04),
     (336, 336, 0.04),
 ]
 STAGE2_SIZES: list[tuple[int, int, float]] = [
-    (640, 480, 0.30), (640, 427, 0.15), (480, 640, 0.10), (500, 375, 0.10), (800, 600, 0.10),
-    (500, 333, 0.05), (333, 500, 0.05), (1024, 768, 0.08), (300, 475, 0.07),
+    (640, 480, 0.30),
+    (640, 427, 0.15),
+    (480, 640, 0.10),
+    (500, 375, 0.10),
+    (800, 600, 0.10),
+    (500, 333, 0.05),
+    (333, 500, 0.05),
+    (1024, 768, 0.08),
+    (300, 475, 0.07),
 ]
-_WORDS = (
-    "a the man woman dog cat street car red blue green small large people sitting standing "
-    "table food plate window building sky tree grass water boat train bus bike picture shows "
-    "image of in on with near two three white black wooden old young playing holding looking "
-    "what is there how many where does color describe this scene detail answer question"
-).split()
+_WORDS = [
+    "a",
+    "the",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "street",
+    "car",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "people",
+    "sitting",
+    "standing",
+    "table",
+    "food",
+    "plate",
+    "window",
+    "building",
+    "sky",
+    "tree",
+    "grass",
+    "water",
+    "boat",
+    "train",
+    "bus",
+    "bike",
+    "picture",
+    "shows",
+    "image",
+    "of",
+    "in",
+    "on",
+    "with",
+    "near",
+    "two",
+    "three",
+    "white",
+    "black",
+    "wooden",
+    "old",
+    "young",
+    "playing",
+    "holding",
+    "looking",
+    "what",
+    "is",
+    "there",
+    "how",
+    "many",
+    "where",
+    "does",
+    "color",
+    "describe",
+    "this",
+    "scene",
+    "detail",
+    "answer",
+    "question",
+]
 TOKENIZER_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "tests", "assets", "tokenizer", "tokenizer.model"
+    os.path.dirname(os.path.abspath(__file__)),
+    "..",
+    "tests",
+    "assets",
+    "tokenizer",
+    "tokenizer.model",
 )
 
 
@@ -58,7 +135,9 @@ def _text(rng: random.Random, tok: Tokenizer, n_tokens: int) -> str:
     return " ".join(words)
 
 
-def _write_images(folder: str, sizes: list[tuple[int, int, float]], per_size: int) -> list[list[str]]:
+def _write_images(
+    folder: str, sizes: list[tuple[int, int, float]], per_size: int
+) -> list[list[str]]:
     """per_size photo-like JPEGs (gradient + noise, quality 90) for every size; names per size."""
     nprng = np.random.default_rng(0)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
@@ -77,7 +156,11 @@ def _write_images(folder: str, sizes: list[tuple[int, int, float]], per_size: in
 
 
 def write_dataset(
-    folder: str, stage: int, num_samples: int, seed: int = 0, images_per_size: int = 2,
+    folder: str,
+    stage: int,
+    num_samples: int,
+    seed: int = 0,
+    images_per_size: int = 2,
     tokenizer_path: str = TOKENIZER_PATH,
 ) -> tuple[str, SyntheticStats]:
     """Write `folder`/data.json (+ images/) for `stage` 1 or 2; returns (json path, stats).
@@ -105,7 +188,10 @@ def write_dataset(
             text_only += 1
         if stage == 1:
             rec["conversations"] = [
-                {"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
+                {
+                    "from": "human",
+                    "value": "<image>\nRender a clear and concise summary of the photo.",
+                },
                 {"from": "gpt", "value": _text(rng, tok, rng.randint(6, 20))},
             ]
         else:
@@ -117,7 +203,9 @@ def write_dataset(
                 if r == 0 and has_image:
                     q = "<image>\n" + q
                 conv.append({"from": "human", "value": q})
-                conv.append({"from": "gpt", "value": _text(rng, tok, max(8, total // rounds * 4 // 5))})
+                conv.append(
+                    {"from": "gpt", "value": _text(rng, tok, max(8, total // rounds * 4 // 5))}
+                )
             rec["conversations"] = conv
         records.append(rec)
     path = os.path.join(folder, "data.json")

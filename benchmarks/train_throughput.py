@@ -11,7 +11,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import asdict, replace
 
 import torch
@@ -20,95 +19,30 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from synthetic_data import TOKENIZER_PATH, write_dataset  # noqa: E402
-from titan_llava.config import load_config  # noqa: E402
-from titan_llava.flops import document_lengths, peak_flops, step_flops  # noqa: E402
-from titan_llava.models.args import LLAVA_FLAVORS  # noqa: E402
-from titan_llava.distributed.utils import destroy_distributed  # noqa: E402
-from titan_llava.train import Trainer  # noqa: E402
+from step_marks import StepMarks, install_probes
+from synthetic_data import TOKENIZER_PATH, write_dataset
+
+from titan_llava.config import load_config
+from titan_llava.distributed.utils import destroy_distributed
+from titan_llava.flops import document_lengths, peak_flops, step_flops
+from titan_llava.models.args import LLAVA_FLAVORS
+from titan_llava.train import Trainer
 
 # The reference recipe on 8x H100 80G (REFERENCE.md): 558K samples in ~4 h, 665K in ~11.5 h.
 REFERENCE_SAMPLES_PER_S_PER_GPU = {1: 4.8, 2: 2.0}
 BUCKETS = ("data_wait", "vision", "llm", "grad_norm_clip", "optimizer", "host_other")
 
 
-class StepMarks:
-    """Timestamps at named points of each measured step: CUDA events on the GPU (recorded in
-    stream order, read once after the run, so no host sync is added), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.active = False
-        self.steps: list[list[tuple[str, object]]] = []
-
-    def begin_step(self) -> None:
-        if self.active:
-            self.steps.append([])
-
-    def mark(self, name: str) -> None:
-        if not self.active or not self.steps:
-            return
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.steps[-1].append((name, ev))
-        else:
-            self.steps[-1].append((name, time.perf_counter()))
-
-    def _ms(self, a: object, b: object) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-
-    def breakdown_ms(self) -> dict[str, float]:
-        """Mean ms per step in each bucket. A segment between two marks is charged by the mark
-        that opens it (the vision tower's forward, its backward, the LLM's, the optimizer's)."""
-        totals: dict[str, float] = defaultdict(float)
-        for marks in self.steps:
-            for (name, t0), (nxt, t1) in zip(marks, marks[1:]):
-                if name in ("vis_fwd_start", "vis_bwd_start"):
-                    bucket = "vision"
-                elif name in ("opt_start", "opt_end"):
-                    bucket = "optimizer"
-                elif name == "bwd_end" and nxt == "opt_start":
-                    bucket = "grad_norm_clip"  # incl. the trainer's one host sync per step
-                else:
-                    bucket = "llm"  # embeddings, projector, LLM forward/backward, loss
-                totals[bucket] += self._ms(t0, t1)
-        n = max(len(self.steps), 1)
-        return {k: v / n for k, v in totals.items()}
-
-
-def install_probes(trainer: Trainer, marks: StepMarks) -> None:
-    """Hooks on the vision tower, the projector and the optimizer (public PyTorch hook APIs; the
-    model and the trainer are unchanged)."""
-    model = trainer.model
-    engine = torch.autograd.Variable._execution_engine
-
-    def vis_pre(_m, _a):
-        marks.mark("vis_fwd_start")
-
-    def vis_post(_m, _a, out):
-        marks.mark("vis_fwd_end")
-        if out.requires_grad:
-            out.register_hook(lambda _g: marks.mark("vis_bwd_start"))
-
-    def proj_post(_m, _a, out):
-        if out.requires_grad:
-            # Runs when the whole backward of this micro-batch is done (after FSDP's callback).
-            out.register_hook(lambda _g: engine.queue_callback(lambda: marks.mark("bwd_end")))
-
-    model.vision_tower.register_forward_pre_hook(vis_pre)
-    model.vision_tower.register_forward_hook(vis_post)
-    model.projector.register_forward_hook(proj_post)
-    trainer.optimizer.register_step_pre_hook(lambda *_: marks.mark("opt_start"))
-    trainer.optimizer.register_step_post_hook(lambda *_: marks.mark("opt_end"))
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", type=int, choices=(1, 2), default=1)
     p.add_argument("--flavor", default="llava-next-vicuna-7b")
-    p.add_argument("--llm-layers", type=int, default=None,
-                   help="reduced LLM depth (the real width); default: the flavor's depth")
+    p.add_argument(
+        "--llm-layers",
+        type=int,
+        default=None,
+        help="reduced LLM depth (the real width); default: the flavor's depth",
+    )
     p.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3, help="steps excluded from the figures")
     p.add_argument("--local-batch-size", type=int, default=None, help="rows per micro-batch")
@@ -125,8 +59,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def build_trainer(a: argparse.Namespace, overrides: list[str], data_path: str, image_folder: str,
-                  dump: str, cuda: bool) -> Trainer:
+def build_trainer(
+    a: argparse.Namespace,
+    overrides: list[str],
+    data_path: str,
+    image_folder: str,
+    dump: str,
+    cuda: bool,
+) -> Trainer:
     flavor = a.flavor
     if a.llm_layers is not None:
         base = LLAVA_FLAVORS[a.flavor]
@@ -136,23 +76,64 @@ def build_trainer(a: argparse.Namespace, overrides: list[str], data_path: str, i
     lbs = a.local_batch_size or (2 if a.stage == 1 else 1)
     workers = a.num_workers if a.num_workers is not None else (4 if cuda else 0)
     stage = {
-        1: ["--data.template", "plain", "--training.trainable", '["projector"]',
-            "--optimizer.lr", "1e-3", "--data.group_by_modality_length", "false"],
-        2: ["--data.template", "vicuna_v1", "--training.trainable", '["projector","llm","vision"]',
-            "--optimizer.lr", "2e-5", "--optimizer.vision_lr", "2e-6",
-            "--data.group_by_modality_length", "true"],
+        1: [
+            "--data.template",
+            "plain",
+            "--training.trainable",
+            '["projector"]',
+            "--optimizer.lr",
+            "1e-3",
+            "--data.group_by_modality_length",
+            "false",
+        ],
+        2: [
+            "--data.template",
+            "vicuna_v1",
+            "--training.trainable",
+            '["projector","llm","vision"]',
+            "--optimizer.lr",
+            "2e-5",
+            "--optimizer.vision_lr",
+            "2e-6",
+            "--data.group_by_modality_length",
+            "true",
+        ],
     }[a.stage]
     argv = [
-        "--job.dump_folder", dump, "--model.flavor", flavor, "--model.tokenizer_path", TOKENIZER_PATH,
-        "--data.path", data_path, "--data.image_folder", image_folder,
-        "--data.packing", str(a.packing).lower(), "--data.max_seq_len", str(a.seq_len),
-        "--data.num_workers", str(workers), "--training.steps", str(a.warmup + a.steps),
-        "--training.local_batch_size", str(lbs),
-        "--training.global_batch_size", str(lbs * a.grad_accum),
-        "--activation_checkpoint.mode", a.ac, "--compile.enable", str(a.compile).lower(),
-        "--metrics.log_freq", str(a.warmup + a.steps), "--lr_scheduler.warmup_steps", "1",
-        "--training.mixed_precision_param", "bfloat16" if cuda else "float32",
-        *stage, *overrides,
+        "--job.dump_folder",
+        dump,
+        "--model.flavor",
+        flavor,
+        "--model.tokenizer_path",
+        TOKENIZER_PATH,
+        "--data.path",
+        data_path,
+        "--data.image_folder",
+        image_folder,
+        "--data.packing",
+        str(a.packing).lower(),
+        "--data.max_seq_len",
+        str(a.seq_len),
+        "--data.num_workers",
+        str(workers),
+        "--training.steps",
+        str(a.warmup + a.steps),
+        "--training.local_batch_size",
+        str(lbs),
+        "--training.global_batch_size",
+        str(lbs * a.grad_accum),
+        "--activation_checkpoint.mode",
+        a.ac,
+        "--compile.enable",
+        str(a.compile).lower(),
+        "--metrics.log_freq",
+        str(a.warmup + a.steps),
+        "--lr_scheduler.warmup_steps",
+        "1",
+        "--training.mixed_precision_param",
+        "bfloat16" if cuda else "float32",
+        *stage,
+        *overrides,
     ]
     print("trainer config overrides: " + " ".join(argv), flush=True)
     return Trainer(load_config(argv))
@@ -164,8 +145,9 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     t0 = time.perf_counter()
     data_path, stats = write_dataset(os.path.join(folder, "data"), a.stage, n_samples)
     print(f"synthetic data: {n_samples} samples in {time.perf_counter() - t0:.1f}s", flush=True)
-    trainer = build_trainer(a, overrides, data_path, os.path.join(folder, "data"),
-                            os.path.join(folder, "dump"), cuda)
+    trainer = build_trainer(
+        a, overrides, data_path, os.path.join(folder, "data"), os.path.join(folder, "dump"), cuda
+    )
     device = trainer.device
     full_args = LLAVA_FLAVORS[a.flavor]
     marks = StepMarks(device)
@@ -200,10 +182,15 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         c = orig_counts(mbs)
         if marks.active:
             counts.append({**c, "row_slots": sum(mb.input_ids.numel() for mb in mbs)})
-            lengths = [n for mb in mbs for n in document_lengths(
-                mb.input_ids, trainer.tokenizer.pad_id, mb.document_ids)]
+            lengths = [
+                n
+                for mb in mbs
+                for n in document_lengths(mb.input_ids, trainer.tokenizer.pad_id, mb.document_ids)
+            ]
             tiles = sum(0 if mb.pixel_values is None else mb.pixel_values.shape[0] for mb in mbs)
-            full_flops.append(step_flops(full_args, lengths, tiles, trainer.cfg.training.trainable).total)
+            full_flops.append(
+                step_flops(full_args, lengths, tiles, trainer.cfg.training.trainable).total
+            )
         return c
 
     def log(step, **kw):
@@ -245,10 +232,15 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "trainable": trainer.cfg.training.trainable,
         "local_batch_size": trainer.cfg.training.local_batch_size,
         "grad_accum": trainer.grad_accum,
-        "seq_len": a.seq_len, "packing": a.packing, "ac": a.ac, "compile": a.compile,
+        "seq_len": a.seq_len,
+        "packing": a.packing,
+        "ac": a.ac,
+        "compile": a.compile,
         "num_workers": trainer.cfg.data.num_workers,
         "synthetic": asdict(stats),
-        "warmup_steps": a.warmup, "measured_steps": n, "step_time_s": step_s,
+        "warmup_steps": a.warmup,
+        "measured_steps": n,
+        "step_time_s": step_s,
         "samples_per_s": sps,
         "text_tokens_per_s": tot["text_tokens"] / elapsed,
         "image_tokens_per_s": tot["image_tokens"] / elapsed,
@@ -263,7 +255,9 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "reference_samples_per_s": ref,
         "ratio_to_reference": sps / ref,
         "full_depth_estimate_samples_per_s": (
-            tot["flops"] / sum(full_flops) * sps if m.llm.n_layers != full_args.llm.n_layers else None
+            tot["flops"] / sum(full_flops) * sps
+            if m.llm.n_layers != full_args.llm.n_layers
+            else None
         ),
         "final_loss": records[-1]["loss"] if records else None,
     }
@@ -274,40 +268,57 @@ def report(r: dict) -> str:
     s = r["synthetic"]
     reduced = r["llm_layers"] != r["llm_layers_full"]
     depth = f"{r['llm_layers']} of {r['llm_layers_full']} LLM layers" + (
-        " (REDUCED DEPTH: real width, fewer blocks)" if reduced else "")
+        " (REDUCED DEPTH: real width, fewer blocks)" if reduced else ""
+    )
     lines = [
         f"== titan_llava train throughput, stage {r['stage']} ==",
         f"device: {r['device']} (torch {r['torch']}); figures per GPU (one process)",
-        f"model: {r['flavor']}: {depth}, {r['vision_layers_built']} CLIP layers; "
-        f"trainable {r['trainable']}; random weights",
-        f"config: {r['local_batch_size']} rows x {r['grad_accum']} micro-batches of <= {r['seq_len']} "
-        f"tokens, packing {r['packing']}, AC {r['ac']}, compile {r['compile']}, "
-        f"{r['num_workers']} data workers",
-        f"data: synthetic, {s['samples']} samples, {s['text_only']} text-only; per image "
-        f"{s['mean_tiles']:.2f} tiles, {s['mean_image_tokens']:.0f} image tokens; "
-        f"{s['mean_text_tokens']:.0f} text tokens/sample (shipped tiny tokenizer, vocab 1000: ids "
-        f"are synthetic)",
-        f"steps: {r['warmup_steps']} warm-up + {r['measured_steps']} measured, "
-        f"step time {r['step_time_s']:.3f} s",
+        (
+            f"model: {r['flavor']}: {depth}, {r['vision_layers_built']} CLIP layers; "
+            f"trainable {r['trainable']}; random weights"
+        ),
+        (
+            f"config: {r['local_batch_size']} rows x {r['grad_accum']} micro-batches of "
+            f"<= {r['seq_len']} tokens, packing {r['packing']}, AC {r['ac']}, "
+            f"compile {r['compile']}, {r['num_workers']} data workers"
+        ),
+        (
+            f"data: synthetic, {s['samples']} samples, {s['text_only']} text-only; per image "
+            f"{s['mean_tiles']:.2f} tiles, {s['mean_image_tokens']:.0f} image tokens; "
+            f"{s['mean_text_tokens']:.0f} text tokens/sample (shipped tiny tokenizer, "
+            "vocab 1000: ids are synthetic)"
+        ),
+        (
+            f"steps: {r['warmup_steps']} warm-up + {r['measured_steps']} measured, "
+            f"step time {r['step_time_s']:.3f} s"
+        ),
         f"samples/s/GPU: {r['samples_per_s']:.3f}",
         f"text tokens/s/GPU: {r['text_tokens_per_s']:,.0f}",
         f"image tokens/s/GPU: {r['image_tokens_per_s']:,.0f}",
         f"tokens/s/GPU: {r['tokens_per_s']:,.0f} (padding {100 * r['padding_fraction']:.1f}% of row slots)",
         f"model TFLOP/sample: {r['tflop_per_sample']:.2f}; TFLOP/s/GPU: {r['tflops_per_s']:.2f}",
-        "MFU: " + (f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense"
-                   if r["mfu"] is not None else "n/a (no bf16 peak for this device)"),
+        "MFU: "
+        + (
+            f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense"
+            if r["mfu"] is not None
+            else "n/a (no bf16 peak for this device)"
+        ),
     ]
     total = sum(r["breakdown_ms"].values())
     parts = [f"{k} {v:.1f} ms ({100 * v / total:.1f}%)" for k, v in r["breakdown_ms"].items()]
     lines.append("step breakdown: " + ", ".join(parts))
     mem = r["peak_memory_gib"]
     lines.append("peak memory: " + (f"{mem:.2f} GiB" if mem is not None else "n/a (CPU)"))
-    lines.append(f"ratio to reference: {r['ratio_to_reference']:.2f}x "
-                 f"(reference {r['reference_samples_per_s']} samples/s/GPU on H100)")
+    lines.append(
+        f"ratio to reference: {r['ratio_to_reference']:.2f}x "
+        f"(reference {r['reference_samples_per_s']} samples/s/GPU on H100)"
+    )
     if r["full_depth_estimate_samples_per_s"] is not None:
         est = r["full_depth_estimate_samples_per_s"]
-        lines.append(f"full-depth estimate at the same MFU: {est:.3f} samples/s/GPU, "
-                     f"{est / r['reference_samples_per_s']:.2f}x reference (estimate, not measured)")
+        lines.append(
+            f"full-depth estimate at the same MFU: {est:.3f} samples/s/GPU, "
+            f"{est / r['reference_samples_per_s']:.2f}x reference (estimate, not measured)"
+        )
     return "\n".join(lines)
 
 

@@ -14,10 +14,10 @@ from PIL import Image
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from synthetic_data import write_dataset  # noqa: E402
-from train_throughput import StepMarks  # noqa: E402
+from step_marks import StepMarks
+from synthetic_data import write_dataset
 
-from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS, num_image_tokens  # noqa: E402
+from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS, num_image_tokens
 
 FIGURES = [
     "samples/s/GPU:",
@@ -37,7 +37,8 @@ FIGURES = [
 @pytest.mark.parametrize("stage", [1, 2])
 def test_synthetic_data_follows_the_mix(tmp_path, stage):
     path, stats = write_dataset(str(tmp_path), stage, 300, seed=1, images_per_size=1)
-    records = json.load(open(path))
+    with open(path) as f:
+        records = json.load(f)
     assert len(records) == stats.samples == 300
     tokens = []
     for r in records:
@@ -61,8 +62,16 @@ def test_breakdown_charges_segments():
     marks = StepMarks(torch.device("cpu"))
     marks.active = True
     marks.begin_step()
-    t = {"start": 0.0, "vis_fwd_start": 0.001, "vis_fwd_end": 0.004, "vis_bwd_start": 0.010,
-         "bwd_end": 0.012, "opt_start": 0.013, "opt_end": 0.017, "end": 0.018}
+    t = {
+        "start": 0.0,
+        "vis_fwd_start": 0.001,
+        "vis_fwd_end": 0.004,
+        "vis_bwd_start": 0.010,
+        "bwd_end": 0.012,
+        "opt_start": 0.013,
+        "opt_end": 0.017,
+        "end": 0.018,
+    }
     marks.steps[-1] = list(t.items())
     bd = marks.breakdown_ms()
     assert bd["vision"] == pytest.approx(3 + 2)
@@ -74,12 +83,26 @@ def test_breakdown_charges_segments():
 @pytest.mark.parametrize("stage,extra", [(1, []), (2, ["--llm-layers", "1"])])
 def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     out_json = tmp_path / "r.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"), "--stage",
-           str(stage), "--flavor", "debug", "--steps", "2", "--warmup", "1",
-           "--json-out", str(out_json), *extra]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "train_throughput.py"),
+        "--stage",
+        str(stage),
+        "--flavor",
+        "debug",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json-out",
+        str(out_json),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for figure in FIGURES:
         assert figure in proc.stdout, f"missing {figure!r} in:\n{proc.stdout}"
