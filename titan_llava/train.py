@@ -26,6 +26,7 @@ from titan_llava.config import JobConfig, load_config
 from titan_llava.data.batch import Batch
 from titan_llava.data.dataset import LlavaDataset
 from titan_llava.data.loader import build_data_loader
+from titan_llava.data.manifest import ManifestWriter
 from titan_llava.data.tokenizer import Tokenizer
 from titan_llava.distributed.parallel_dims import ParallelDims
 from titan_llava.distributed.parallelize import parallelize_llava
@@ -178,6 +179,12 @@ class Trainer:
         # Before the data loader is iterated; a checkpoint that cannot resume here is a set-up error.
         self.step = self.checkpointer.maybe_resume()
         self.checkpointer.install_sigterm_handler()
+        self.manifest = None
+        if cfg.data.manifest:
+            path = os.path.join(cfg.job.dump_folder, "manifest", f"rank{self.rank}.jsonl")
+            self.manifest = ManifestWriter(path, self.rank)
+            # Steps after the resumed checkpoint are replayed: drop their lines first.
+            self.manifest.resume(self.step)
 
     # ----- set-up helpers -----
     def _load_initial_weights(self) -> None:
@@ -301,6 +308,16 @@ class Trainer:
             "flops": flops,
         }
 
+    def _skip_counts_all_ranks(self) -> dict[str, int]:
+        """Skipped samples per reason since the run began, summed over all ranks."""
+        per_rank = [None] * self.world_size
+        dist.all_gather_object(per_rank, self.data_loader.skip_counts())
+        total: dict[str, int] = {}
+        for counts in per_rank:
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
     def train(self) -> int:
         """Runs to the last step (returns 0) or to a SIGTERM (saves, returns PREEMPTED_EXIT_CODE)."""
         cfg = self.cfg
@@ -319,6 +336,9 @@ class Trainer:
             microbatches, data_wait = self._next_microbatches()
             lr = self.lr_scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(microbatches)
+            if self.manifest is not None:
+                ids = [i for mb in microbatches for row in mb.sample_ids for i in row]
+                self.manifest.write(self.step, ids)
             counts = self._step_counts(microbatches)
             self.checkpointer.add_tokens(counts["tokens"])
             for k, v in counts.items():
@@ -341,7 +361,7 @@ class Trainer:
                     samples=int(totals["samples"]),
                     flops=totals["flops"],
                     data_wait_s=totals["data_wait_s"] / self.world_size,
-                    skipped=self.data_loader.skip_counts(),
+                    skipped=self._skip_counts_all_ranks(),
                     memory_gib=device_memory_gib(self.device),
                 )
                 window = dict.fromkeys(window, 0.0)
@@ -366,6 +386,8 @@ class Trainer:
         if hasattr(self, "checkpointer"):
             self.checkpointer.close()
         self.data_loader.close()
+        if getattr(self, "manifest", None) is not None:
+            self.manifest.close()
         self.metrics.close()
 
 
