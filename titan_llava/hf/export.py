@@ -129,22 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = _parser().parse_args(argv)
     t0 = time.perf_counter()
-    run = resolve_run(a.checkpoint, a.config, a.tokenizer)
-    logger.info(f"run config: {run.config_path}; architecture: {run.arch_source}")
-    extra = None
-    if run.vision_source is not None:
-        extra = extra_vision_from_hf(run.vision_source, run.args.vision)
-    reader = DcpModelReader(a.checkpoint)
-    report = export_state_dict(
-        reader.tensors(),
-        run.args,
-        run.tokenizer_path,
-        a.output,
-        dtype=DTYPES[a.dtype],
-        extra_vision_tensors=extra,
-        max_shard_bytes=int(a.max_shard_gb * 1000**3),
-        init_seed=run.seed,
-    )
+    try:
+        run = resolve_run(a.checkpoint, a.config, a.tokenizer)
+        logger.info(f"run config: {run.config_path}; architecture: {run.arch_source}")
+        extra = None
+        if run.vision_source is not None:
+            extra = extra_vision_from_hf(run.vision_source, run.args.vision)
+        reader = DcpModelReader(a.checkpoint)
+        report = export_state_dict(
+            reader.tensors(),
+            run.args,
+            run.tokenizer_path,
+            a.output,
+            dtype=DTYPES[a.dtype],
+            extra_vision_tensors=extra,
+            max_shard_bytes=int(a.max_shard_gb * 1000**3),
+            init_seed=run.seed,
+        )
+    except ValueError as e:
+        # User errors (bad path, wrong config, shape mismatch) name the key or file: no traceback.
+        print(f"titan_llava.hf.export: error: {e}", file=sys.stderr)
+        return 2
     if run.vision_source is not None:
         report.extra_vision_source = f"carried unchanged from {run.vision_source}"
     logger.info(
