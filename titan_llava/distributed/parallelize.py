@@ -7,6 +7,7 @@ state_dict keys never change.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import defaultdict
 
 import torch
@@ -32,7 +33,14 @@ _SAC_SAVE = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._flash_attention_forward.default,
 }
+try:  # torch's varlen kernel (sdpa's packed rows on CUDA) is a custom op: SAC sees it, not its aten op
+    import torch.nn.attention.varlen  # noqa: F401  (registers the op)
+
+    _SAC_SAVE.add(torch.ops.torch_attn._varlen_attn.default)
+except (ImportError, AttributeError):  # pragma: no cover - torch < 2.10
+    pass
 
 
 def _op_sac_context():
@@ -110,6 +118,9 @@ def compile_block(block: nn.Module) -> None:
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
     """FSDP2 (HSDP on a 2-D mesh): each block, then the embeddings, the LLM head, the vision
     stem, the projector, and the root (image_newline)."""
+    # FSDP2 warns when a wrapped module returns a view (CLIP drops its CLS token by slicing); the
+    # warning is about in-place ops on that output, which LlavaNext never does.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
     for block in model.vision_tower.layers.values():
