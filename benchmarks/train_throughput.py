@@ -25,6 +25,7 @@ from synthetic_data import TOKENIZER_PATH, write_dataset
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.flops import document_lengths, peak_flops, step_flops
+from titan_llava.models import attention
 from titan_llava.models.args import LLAVA_FLAVORS
 from titan_llava.train import Trainer
 
@@ -51,6 +52,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ac", choices=("none", "full", "selective"), default="full")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument(
+        "--torch-varlen",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-torch-varlen: packed rows on CUDA use sdpa's dense mask (the pre-varlen baseline)",
+    )
     p.add_argument("--num-workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
     p.add_argument("--samples", type=int, default=None, help="synthetic samples to write")
     p.add_argument("--data-dir", default=None, help="default: a temporary directory")
@@ -141,6 +148,8 @@ def build_trainer(
 
 def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     cuda = torch.cuda.is_available()
+    if not a.torch_varlen:
+        attention.torch_varlen_usable = lambda *args, **kwargs: False
     n_samples = a.samples or max(200, 12 * (a.warmup + a.steps) * a.grad_accum * 4)
     t0 = time.perf_counter()
     data_path, stats = write_dataset(os.path.join(folder, "data"), a.stage, n_samples)
@@ -236,6 +245,11 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "packing": a.packing,
         "ac": a.ac,
         "compile": a.compile,
+        "attn_backend": trainer.cfg.model.attn_backend,
+        # What the LLM's packed rows ran on (activations are bf16 on CUDA, fp32 on CPU).
+        "torch_varlen": a.packing
+        and trainer.cfg.model.attn_backend == "sdpa"
+        and attention.torch_varlen_usable(device, torch.bfloat16 if cuda else torch.float32),
         "num_workers": trainer.cfg.data.num_workers,
         "synthetic": asdict(stats),
         "warmup_steps": a.warmup,
@@ -280,7 +294,8 @@ def report(r: dict) -> str:
         (
             f"config: {r['local_batch_size']} rows x {r['grad_accum']} micro-batches of "
             f"<= {r['seq_len']} tokens, packing {r['packing']}, AC {r['ac']}, "
-            f"compile {r['compile']}, {r['num_workers']} data workers"
+            f"compile {r['compile']}, attention {r['attn_backend']} (packed rows on torch varlen: {r['torch_varlen']}), "
+            f"{r['num_workers']} data workers"
         ),
         (
             f"data: synthetic, {s['samples']} samples, {s['text_only']} text-only; per image "

@@ -3,6 +3,8 @@
 # full 7B, stage 2 at the real 7B width with 8 LLM layers, eager then per-block compile, then
 # stage 1 without packing. Each run has its own time limit and log; runs that would not fit in
 # BUDGET_S seconds are skipped. Dry run on CPU: FLAVOR=debug EXTRA='--steps 1 --warmup 1'.   OUT=results_dir BUDGET_S=400 benchmarks/train_throughput_gpu.sh
+# PLAN=round2: packed rows on torch's varlen kernel vs the dense mask, no packing, selective AC
+# (stage 1 only, STEPS=6 measured steps; runs benchmarks/varlen_parity.py first).
 set -uo pipefail
 OUT=${OUT:-./bench_out}
 BUDGET_S=${BUDGET_S:-390}
@@ -22,13 +24,31 @@ run() {  # name limit_s args...
   echo "== $name (limit ${limit}s): $B $*" | tee -a "$OUT/summary.txt"
   timeout -k 10 "$limit" $B "$@" ${EXTRA:-} >"$OUT/$name.log" 2>&1
   echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-  grep -E "^(samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP)" \
+  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP)" \
     "$OUT/$name.log" | tee -a "$OUT/summary.txt"
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | tee -a "$OUT/summary.txt"
 }
 
-run s1_eager 75 $S1
-run s2_eager 75 $S2
-run s1_compile 120 $S1 --compile
-run s2_compile 120 $S2 --compile
-run s1_eager_nopack 60 $S1 --no-packing
+case ${PLAN:-round1} in
+round1)  # compile and packing before/after (README, first table)
+  run s1_eager 75 $S1
+  run s2_eager 75 $S2
+  run s1_compile 120 $S1 --compile
+  run s2_compile 120 $S2 --compile
+  run s1_eager_nopack 60 $S1 --no-packing
+  ;;
+round2)  # packed rows on torch's varlen kernel vs the dense mask; stage 1 AC policies
+  S1="--stage 1 --local-batch-size 4 --steps ${STEPS:-6}"
+  if [[ ${FLAVOR:-} != debug ]]; then
+    echo "== varlen_parity" | tee -a "$OUT/summary.txt"
+    timeout -k 5 30 python benchmarks/varlen_parity.py >"$OUT/varlen_parity.log" 2>&1
+    echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
+    grep -E "route|diff|attention fwd|PARITY" "$OUT/varlen_parity.log" | tee -a "$OUT/summary.txt"
+  fi
+  run s1_pack_dense 50 $S1 --no-torch-varlen
+  run s1_pack_varlen 40 $S1
+  run s1_nopack 40 $S1 --no-packing
+  run s1_pack_varlen_sac 40 $S1 --ac selective
+  run s1_pack_varlen_noac 35 $S1 --ac none
+  ;;
+esac

@@ -158,7 +158,15 @@ class Vicuna(nn.Module):
             positions = torch.arange(s, device=h_BSD.device).expand(b, s)
         # Gathering by position (no host sync) gives every packed document its own RoPE origin.
         cos_BSD, sin_BSD = self.rope_cos[positions], self.rope_sin[positions]
-        mask = build_attention_mask(self.attn_backend, document_ids, b, s, h_BSD.device)
+        mask = build_attention_mask(
+            self.attn_backend,
+            document_ids,
+            b,
+            s,
+            h_BSD.device,
+            dtype=h_BSD.dtype,
+            gqa=self.args.kv_heads != self.args.n_heads,
+        )
         for layer in self.layers.values():
             h_BSD = layer(h_BSD, cos_BSD, sin_BSD, mask)
         return self.output(self.norm(h_BSD))
