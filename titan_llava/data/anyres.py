@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,9 @@ def select_best_resolution(
         dw, dh = int(width * scale), int(height * scale)
         effective = min(dw * dh, width * height)
         wasted = cw * ch - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+        if effective > best_effective or (
+            effective == best_effective and wasted < best_wasted
+        ):
             best, best_effective, best_wasted = (cw, ch), effective, wasted
     if best is None:
         raise ValueError("grid_pinpoints is empty")
@@ -128,13 +130,14 @@ def num_tiles(
 
 
 # ---------------------------------------------------------------------------------------------
-# Pixel ops: PIL resizes exactly as the reference does; everything after the resize is one
-# vectorised pass over the uint8 canvas (no per-tile PIL or per-tile normalisation calls).
+# Pixel ops: PIL resizes exactly as the reference does (they define the pixels, and are most of the
+# time); everything after them is one table lookup per output value, written straight into the
+# preallocated output (no padded canvas, no per-tile PIL or per-tile normalisation calls).
 
 
 @functools.lru_cache(maxsize=8)
-def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """float32 [3, 256] table of CLIP-normalised values for each uint8 level of each channel.
+def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Read-only float32 [3, 256] table of CLIP-normalised values for each uint8 level of each channel.
 
     Computed with the reference's arithmetic (x * (1/255) in float64, rounded to float32, then
     (x - mean) / std in float32), so a table lookup gives bit-identical values to the reference's
@@ -142,28 +145,46 @@ def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Ten
     """
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 channels, got mean={mean} std={std}")
-    levels = (torch.arange(256, dtype=torch.float64) * (1.0 / 255.0)).to(torch.float32)
-    mean_C1 = torch.tensor(mean, dtype=torch.float32)[:, None]
-    std_C1 = torch.tensor(std, dtype=torch.float32)[:, None]
-    return ((levels[None, :] - mean_C1) / std_C1).contiguous()
+    levels = (np.arange(256, dtype=np.float64) * (1.0 / 255.0)).astype(np.float32)
+    mean_C1 = np.asarray(mean, dtype=np.float32)[:, None]
+    std_C1 = np.asarray(std, dtype=np.float32)[:, None]
+    lut_C256 = np.ascontiguousarray(
+        (levels[None, :] - mean_C1) / std_C1, dtype=np.float32
+    )
+    lut_C256.flags.writeable = False
+    return lut_C256
 
 
-def _uint8_hwc(image: Image.Image) -> torch.Tensor:
-    """uint8 [H, W, 3] tensor over a (writable) numpy copy of the RGB image's pixel buffer."""
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] read-only array of an RGB image: PIL's one packing copy, no second copy."""
     assert image.mode == "RGB", image.mode
-    return torch.from_numpy(np.array(image))
+    return np.asarray(image)
 
 
-def _normalize_into(out_NCHW: torch.Tensor, pixels_NHWC: torch.Tensor, lut_C256: torch.Tensor) -> None:
-    """Write CLIP-normalised float32 values of uint8 `pixels_NHWC` into `out_NCHW` (any strides)."""
-    for c in range(3):
-        # index_select on the flat channel table; the int32 index tensor is the only temporary.
-        idx = pixels_NHWC[..., c].to(torch.int32)
-        out_NCHW[:, c].copy_(lut_C256[c].index_select(0, idx.reshape(-1)).view(idx.shape))
+def _normalize_into(
+    out_HW: np.ndarray, levels_HW: np.ndarray, lut_256: np.ndarray
+) -> None:
+    """out_HW[...] = lut_256[levels_HW] for one channel, without temporaries beyond numpy's index cast.
+
+    mode="clip" is exact here (uint8 levels always index a 256-entry table) and, unlike the default
+    "raise", lets numpy write straight into a C-contiguous `out_HW` instead of buffering it.
+    """
+    np.take(lut_256, levels_HW, out=out_HW, mode="clip")
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
+    # convert() copies even when the mode already matches; skip it then.
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _letterbox_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the resized image inside a `target` letterbox, by the reference's rule."""
+    width, height = size
+    target_w, target_h = target
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return target_w, min(math.ceil(height * scale_w), target_h)
+    return min(math.ceil(width * scale_h), target_w), target_h
 
 
 def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
@@ -171,18 +192,36 @@ def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
 
     The limiting side gets exactly its target; the other side is min(ceil(side * scale), target).
     PIL's default resize filter (bicubic) is used, then the resize is pasted at ((target - new) // 2).
+    process_anyres_image produces the same tiles without building this canvas.
     """
-    width, height = image.size
-    target_w, target_h = target
-    scale_w, scale_h = target_w / width, target_h / height
-    if scale_w < scale_h:
-        new_w, new_h = target_w, min(math.ceil(height * scale_w), target_h)
-    else:
-        new_w, new_h = min(math.ceil(width * scale_h), target_w), target_h
+    new_w, new_h = _letterbox_size(image.size, target)
     resized = image.resize((new_w, new_h))
-    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
-    canvas.paste(resized, ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    canvas = Image.new("RGB", target, (0, 0, 0))
+    canvas.paste(resized, ((target[0] - new_w) // 2, (target[1] - new_h) // 2))
     return canvas
+
+
+def _letterboxed_tile_into(
+    out_CHW: np.ndarray, resized_HWC: np.ndarray, x0: int, y0: int, lut_C256: np.ndarray
+) -> None:
+    """Normalised tile whose top-left corner sits at (x0, y0) in `resized_HWC`'s coordinates.
+
+    Tile pixels outside the resized image are the canvas's black padding (level 0 of each channel).
+    """
+    t = out_CHW.shape[-1]
+    height, width = resized_HWC.shape[:2]
+    ys, ye, xs, xe = max(y0, 0), min(y0 + t, height), max(x0, 0), min(x0 + t, width)
+    covered = ye > ys and xe > xs
+    for c in range(3):
+        if not covered or (ye - ys, xe - xs) != (t, t):
+            out_CHW[c].fill(lut_C256[c, 0])
+        if covered:
+            # Top/bottom padding keeps the destination rows contiguous (no numpy write-back buffer).
+            _normalize_into(
+                out_CHW[c, ys - y0 : ye - y0, xs - x0 : xe - x0],
+                resized_HWC[ys:ye, xs:xe, c],
+                lut_C256[c],
+            )
 
 
 def process_anyres_image(
@@ -201,19 +240,32 @@ def process_anyres_image(
         grid_pinpoints = LLAVA_NEXT_GRID_PINPOINTS
     image = _as_rgb(image)
     rows, cols = anyres_grid_shape(image.size, grid_pinpoints, tile_size)
-    canvas = resize_and_pad(image, (cols * tile_size, rows * tile_size))
-    # The base view ignores the aspect ratio on purpose (the reference squashes the whole image).
-    base = image.resize((tile_size, tile_size))
-    lut_C256 = _normalize_lut(tuple(float(m) for m in mean), tuple(float(s) for s in std))
-
     t = tile_size
-    out_NCHW = torch.empty(1 + rows * cols, 3, t, t, dtype=torch.float32)
-    _normalize_into(out_NCHW[:1], _uint8_hwc(base)[None], lut_C256)
-    # [rows*t, cols*t, 3] -> [rows, cols, t, t, 3] as a view; the gather writes tiles in row-major order.
-    canvas_HWC = _uint8_hwc(canvas)
-    tiles_NHWC = canvas_HWC.view(rows, t, cols, t, 3).permute(0, 2, 1, 3, 4).reshape(rows * cols, t, t, 3)
-    _normalize_into(out_NCHW[1:], tiles_NHWC, lut_C256)
-    return out_NCHW
+    canvas_w, canvas_h = cols * t, rows * t
+    new_w, new_h = _letterbox_size(image.size, (canvas_w, canvas_h))
+    resized_HWC = _rgb_array(image.resize((new_w, new_h)))
+    # The base view ignores the aspect ratio on purpose (the reference squashes the whole image).
+    base_HWC = _rgb_array(image.resize((t, t)))
+    lut_C256 = _normalize_lut(
+        tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    )
+
+    out_NCHW = np.empty((1 + rows * cols, 3, t, t), dtype=np.float32)
+    for c in range(3):
+        _normalize_into(out_NCHW[0, c], base_HWC[:, :, c], lut_C256[c])
+    # Tile (r, col) is canvas[r*t:(r+1)*t, col*t:(col+1)*t]; the resized image sits at the
+    # reference's paste offset on that canvas.
+    off_x, off_y = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
+    for r in range(rows):
+        for col in range(cols):
+            _letterboxed_tile_into(
+                out_NCHW[1 + r * cols + col],
+                resized_HWC,
+                col * t - off_x,
+                r * t - off_y,
+                lut_C256,
+            )
+    return torch.from_numpy(out_NCHW)
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -243,12 +295,17 @@ def process_image(
     if aspect_ratio == "anyres":
         return process_anyres_image(image, grid_pinpoints, tile_size, mean, std)
     if aspect_ratio not in ("pad", "resize"):
-        raise ValueError(f"unknown image aspect ratio mode {aspect_ratio!r} (anyres | pad | resize)")
+        raise ValueError(
+            f"unknown image aspect ratio mode {aspect_ratio!r} (anyres | pad | resize)"
+        )
     image = _as_rgb(image)
     if aspect_ratio == "pad":
         image = expand_to_square(image, tuple(int(x * 255) for x in mean))
-    tile = image.resize((tile_size, tile_size))
-    lut_C256 = _normalize_lut(tuple(float(m) for m in mean), tuple(float(s) for s in std))
-    out_NCHW = torch.empty(1, 3, tile_size, tile_size, dtype=torch.float32)
-    _normalize_into(out_NCHW, _uint8_hwc(tile)[None], lut_C256)
-    return out_NCHW
+    tile_HWC = _rgb_array(image.resize((tile_size, tile_size)))
+    lut_C256 = _normalize_lut(
+        tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    )
+    out_NCHW = np.empty((1, 3, tile_size, tile_size), dtype=np.float32)
+    for c in range(3):
+        _normalize_into(out_NCHW[0, c], tile_HWC[:, :, c], lut_C256[c])
+    return torch.from_numpy(out_NCHW)
