@@ -26,10 +26,11 @@ from titan_llava.checkpoint_io import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "train_configs", "debug_model.toml")
 # 20 samples, 3 rows per step -> the data wraps into epoch 1 during step 7 (checkpoint 8 is past it).
+# A checkpoint every 2 steps keeps the work redone after each crash small.
 RUN = [
-    "--training.steps", "12", "--training.local_batch_size", "1",
+    "--training.steps", "8", "--training.local_batch_size", "1",
     "--training.global_batch_size", "3", "--training.mixed_precision_param", "float32",
-    "--checkpoint.enable", "true", "--checkpoint.interval", "4", "--checkpoint.keep_latest_k", "0",
+    "--checkpoint.enable", "true", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0",
     "--data.max_seq_len", "2048", "--lr_scheduler.warmup_steps", "3",
 ]  # fmt: skip
 PREEMPTED = 75
@@ -78,35 +79,36 @@ def straight(tmp_path_factory) -> dict:
     dump = str(tmp_path_factory.mktemp("straight"))
     ok(train(dump, *RUN))
     hist = metrics(dump)
-    assert sorted(hist) == list(range(1, 13)) and all(len(v) == 1 for v in hist.values())
-    assert complete_steps(ckpt(dump)) == ([4, 8, 12], [])
+    assert sorted(hist) == list(range(1, 9)) and all(len(v) == 1 for v in hist.values())
+    assert complete_steps(ckpt(dump)) == ([2, 4, 6, 8], [])
     return hist
 
 
 def test_kill_crash_during_save_sigterm_resume_bit_identical(tmp_path, straight):
     dump = str(tmp_path)
-    # SIGKILL in the middle of step 6's gradient accumulation (after checkpoint 4).
-    ok(train(dump, *RUN, fault="accum@6"), -9)
-    assert complete_steps(ckpt(dump)) == ([4], [])
-    # Resume; SIGKILL after marker, before the rename of step 8: step-8 never appears.
-    ok(train(dump, *RUN, fault="before_rename@8"), -9)
-    assert complete_steps(ckpt(dump)) == ([4], [".step-8.tmp"])
-    assert os.path.exists(os.path.join(ckpt(dump), ".step-8.tmp", COMPLETE_MARKER))
-    # Resume (the half-written folder is reported, step 4 is picked); SIGKILL while/after the
+    # SIGKILL in the middle of step 3's gradient accumulation (after checkpoint 2).
+    ok(train(dump, *RUN, fault="accum@3"), -9)
+    assert complete_steps(ckpt(dump)) == ([2], [])
+    # Resume; SIGKILL after marker, before the rename of step 4: step-4 never appears.
+    ok(train(dump, *RUN, fault="before_rename@4"), -9)
+    assert complete_steps(ckpt(dump)) == ([2], [".step-4.tmp"])
+    assert os.path.exists(os.path.join(ckpt(dump), ".step-4.tmp", COMPLETE_MARKER))
+    # Resume (the half-written folder is reported, step 2 is picked); SIGKILL while/after the
     # shards are written, before the marker.
-    p = train(dump, *RUN, fault="shards_written@8")
+    p = train(dump, *RUN, fault="shards_written@4")
     ok(p, -9)
-    assert "ignoring incomplete checkpoint" in p.stderr and "step-4 (step 4" in p.stderr
-    # Resume; SIGTERM during step 10: checkpoint 10 and a clean exit with the documented status.
-    p = train(dump, *RUN, fault="sigterm_accum@10")
+    assert "ignoring incomplete checkpoint" in p.stderr and "step-2 (step 2" in p.stderr
+    # Resume; SIGTERM during step 6: checkpoint 6 and a clean exit with the documented status
+    # (the crashed leftovers of step 4 are replaced and pruned).
+    p = train(dump, *RUN, fault="sigterm_accum@6")
     ok(p, PREEMPTED)
-    assert complete_steps(ckpt(dump)) == ([4, 8, 10], [])
-    assert max(metrics(dump)) == 10
-    # Resume from 10 to the end.
+    assert complete_steps(ckpt(dump)) == ([2, 4, 6], [])
+    assert max(metrics(dump)) == 6
+    # Resume from 6 to the end.
     p = train(dump, *RUN)
     ok(p)
-    assert "step-10 (step 10" in p.stderr
-    assert_same_history(metrics(dump), straight, 12)
+    assert "step-6 (step 6" in p.stderr
+    assert_same_history(metrics(dump), straight, 8)
     # The epoch wrapped before checkpoint 8 (its data state is in epoch 1).
     blob = _read(os.path.join(ckpt(dump), "step-8"), "dataloader.dp_rank_0")
     assert json.loads(bytes(blob.tolist()))["sampler"]["epoch"] == 1
@@ -114,12 +116,13 @@ def test_kill_crash_during_save_sigterm_resume_bit_identical(tmp_path, straight)
 
 def test_crash_at_save_begin_then_async_resume(tmp_path, straight):
     dump = str(tmp_path)
-    ok(train(dump, *RUN, "--checkpoint.async_mode", "async", fault="save_begin@8"), -9)
-    assert complete_steps(ckpt(dump)) == ([4], [".step-8.tmp"])
+    # Step 2 is saved asynchronously and published when step 4's save begins; then the crash.
+    ok(train(dump, *RUN, "--checkpoint.async_mode", "async", fault="save_begin@4"), -9)
+    assert complete_steps(ckpt(dump)) == ([2], [".step-4.tmp"])
     ok(train(dump, *RUN, "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "2"))
-    assert_same_history(metrics(dump), straight, 12)
+    assert_same_history(metrics(dump), straight, 8)
     # keep_latest_k = 2 and the crashed leftovers pruned.
-    assert complete_steps(ckpt(dump)) == ([8, 12], [])
+    assert complete_steps(ckpt(dump)) == ([6, 8], [])
 
 
 def _read(step_dir: str, fqn: str) -> torch.Tensor:
@@ -138,13 +141,14 @@ def test_stage1_to_stage2_chain(tmp_path):
     s1 = str(tmp_path / "s1")
     ok(train(s1, *RUN, "--training.steps", "3", "--training.trainable", '["projector"]'))
     w1 = _full_model(os.path.join(ckpt(s1), "step-3"))
-    init = _start_weights(tmp_path / "init", "--training.trainable", '["projector"]')
-    w2 = _start_weights(
-        tmp_path / "s2",
-        "--training.trainable", '["projector","llm","vision"]',
-        "--checkpoint.initial_load_path", os.path.join(ckpt(s1), "step-3"),
-        "--checkpoint.initial_load_model_only", "true",
+    starts = _start_weights(
+        tmp_path,
+        init=["--training.trainable", '["projector"]'],
+        s2=["--training.trainable", '["projector","llm","vision"]',
+            "--checkpoint.initial_load_path", os.path.join(ckpt(s1), "step-3"),
+            "--checkpoint.initial_load_model_only", "true"],
     )  # fmt: skip
+    init, w2 = starts["init"], starts["s2"]
     assert w1.keys() == w2.keys() == init.keys()
     for k in w1:
         assert torch.equal(w2[k], w1[k]), k  # stage 2 starts from stage 1's last weights
@@ -154,18 +158,25 @@ def test_stage1_to_stage2_chain(tmp_path):
     assert changed, "stage 1 did not train the projector: the chain test would prove nothing"
 
 
-def _start_weights(dump, *overrides: str) -> dict[str, torch.Tensor]:
-    """The weights a run starts from (step 0: after init and initial loads), taken from the
-    trainer's model in a separate process and written with torch.save (no checkpoint code)."""
-    out = str(dump) + ".pt"
-    args = ["--job.config_file", CONFIG, "--job.dump_folder", str(dump), *RUN, *overrides]
+def _start_weights(tmp_path, **runs: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights each run starts from (step 0: after init and initial loads), taken from the
+    trainer's model and written with torch.save (no checkpoint code); one process builds the
+    runs' trainers in turn (each re-seeds), so the interpreter start is paid once."""
+    out = str(tmp_path / "start_weights.pt")
+    argvs = {
+        name: ["--job.config_file", CONFIG, "--job.dump_folder", str(tmp_path / name), *RUN, *o]
+        for name, o in runs.items()
+    }
     code = (
-        "import sys, torch; from titan_llava.config import load_config; "
-        "from titan_llava.train import Trainer; "
-        f"t = Trainer(load_config({args!r})); "
-        "sd = {k: (v.full_tensor() if hasattr(v, 'full_tensor') else v).detach().clone() "
-        "for k, v in t.model.state_dict().items()}; "
-        f"torch.save(sd, {out!r}); t.close()"
+        "import torch; from titan_llava.config import load_config; "
+        "from titan_llava.train import Trainer\n"
+        "full = lambda v: (v.full_tensor() if hasattr(v, 'full_tensor') else v).detach().clone()\n"
+        "res = {}\n"
+        f"for name, argv in {argvs!r}.items():\n"
+        "    t = Trainer(load_config(argv))\n"
+        "    res[name] = {k: full(v) for k, v in t.model.state_dict().items()}\n"
+        "    t.close()\n"
+        f"torch.save(res, {out!r})"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
