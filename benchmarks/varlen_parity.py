@@ -15,7 +15,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from titan_llava.models import attention
 from titan_llava.models.args import VicunaArgs
-from titan_llava.models.attention import VarlenInfo, build_attention_mask, causal_attention
+from titan_llava.models.attention import (
+    VarlenInfo,
+    build_attention_mask,
+    causal_attention,
+)
 from titan_llava.models.vicuna import Vicuna
 
 

@@ -3,12 +3,18 @@ builds, and (with the CUDA-only kernel replaced by a per-document SDPA stand-in)
 the dense-mask logits. The kernel itself is checked on a GPU by benchmarks/varlen_parity.py.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
 from titan_llava.models import attention
 from titan_llava.models.args import VicunaArgs
-from titan_llava.models.attention import VarlenInfo, build_attention_mask, torch_varlen_usable
+from titan_llava.models.attention import (
+    VarlenInfo,
+    build_attention_mask,
+    torch_varlen_usable,
+)
 from titan_llava.models.vicuna import Vicuna
 
 _CUDA = torch.device("cuda")  # a device object only: nothing runs on it here
@@ -43,7 +49,7 @@ def _segment_sdpa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
     bounds = cu_q.tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         seg = [t[lo:hi].transpose(0, 1)[None] for t in (q, k, v)]
         out[lo:hi] = F.scaled_dot_product_attention(*seg, is_causal=True)[0].transpose(0, 1)
     return out

@@ -36,7 +36,7 @@ _SAC_SAVE = {
     torch.ops.aten._flash_attention_forward.default,
 }
 try:  # torch's varlen kernel (sdpa's packed rows on CUDA) is a custom op: SAC sees it, not its aten op
-    import torch.nn.attention.varlen  # noqa: F401  (registers the op)
+    import torch.nn.attention.varlen  # registers the op
 
     _SAC_SAVE.add(torch.ops.torch_attn._varlen_attn.default)
 except (ImportError, AttributeError):  # pragma: no cover - torch < 2.10

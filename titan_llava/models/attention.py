@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 try:
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import (
+        BlockMask,
+        create_block_mask,
+        flex_attention,
+    )
 except ImportError:  # pragma: no cover - very old torch
     BlockMask = create_block_mask = flex_attention = None  # type: ignore[assignment]
 
