@@ -138,6 +138,22 @@ def test_anyres_other_pinpoints_tile_size_and_stats():
     assert np.abs(ours.numpy() - ref).max() <= 1e-6
 
 
+@pytest.mark.parametrize(
+    "size, pinpoints, tile",
+    [
+        ((1000, 10), [(336, 1008)], 336),  # top and bottom tiles are entirely padding
+        ((10, 1000), [(1008, 336)], 336),  # left and right tiles are entirely padding
+        ((50, 300), [(28, 84), (84, 28)], 28),  # a custom tile size, partly padded tiles
+    ],
+)
+def test_anyres_all_padding_tiles_and_custom_tile_size(size, pinpoints, tile):
+    image = _random_image(size, seed=11)
+    ours = process_anyres_image(image, pinpoints, tile_size=tile)
+    ref = _ref_anyres(image, pinpoints, t=tile)
+    assert ours.shape == ref.shape
+    assert np.abs(ours.numpy() - ref).max() <= 1e-6
+
+
 def test_anyres_tile_order_is_row_major_with_base_first():
     # A 2x2 canvas whose quadrants are flat colours: each tile must be one flat colour, in order.
     quads = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
