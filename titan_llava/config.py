@@ -38,7 +38,9 @@ class Model:
     tokenizer_path: str = "tests/assets/tokenizer/tokenizer.model"
     """SentencePiece tokenizer.model (Vicuna's for the real recipe)."""
     attn_backend: Literal["sdpa", "flex", "flash"] = "sdpa"
-    """LLM attention kernel: torch SDPA, FlexAttention, or flash-attn varlen (optional dependency)."""
+    """LLM attention kernel: "sdpa" (torch SDPA; packed rows run on torch's flash varlen kernel on
+    CUDA in bf16/fp16, on a dense document mask elsewhere), "flex" (FlexAttention; compile the
+    blocks), or "flash" (flash-attn varlen, an optional dependency)."""
     image_aspect_ratio: Literal["anyres", "pad", "resize"] = "anyres"
     """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize)."""
     grid_pinpoints: list[tuple[int, int]] = field(
