@@ -46,7 +46,9 @@ def train(dump: str, *extra: str, fault: str = "", nproc: int = 1, timeout: int 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "titan_llava.train"]  # fmt: skip
     cmd += ["--job.config_file", CONFIG, "--job.dump_folder", dump, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def metrics(dump: str) -> dict[int, list[tuple[float, float, float]]]:

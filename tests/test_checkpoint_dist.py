@@ -90,7 +90,7 @@ def test_two_rank_checkpoint_into_four_ranks(tmp_path, two_rank_run):
     _assert_equal_to_saved(res["loaded"], step_dir, ("model.", "optimizer.state."))
 
 
-_RESHARD_SCRIPT = r'''
+_RESHARD_SCRIPT = r"""
 import json, sys
 import torch
 import torch.distributed as dist
@@ -130,7 +130,7 @@ res["restart_errors"] = errors
 if dist.get_rank() == 0:
     torch.save(res, spec["out"])
 dist.destroy_process_group()
-'''
+"""
 
 
 def _reshard(tmp_path, step_dir: str, nproc: int, restart: str = "", fresh: str = "") -> dict:
@@ -145,7 +145,13 @@ def _reshard(tmp_path, step_dir: str, nproc: int, restart: str = "", fresh: str 
                       "--checkpoint.initial_load_path", step_dir,
                       "--checkpoint.initial_load_model_only", "true"]  # fmt: skip
     else:
-        fresh_args = [*base, "--job.dump_folder", str(tmp_path / "one"), "--checkpoint.enable", "false"]
+        fresh_args = [
+            *base,
+            "--job.dump_folder",
+            str(tmp_path / "one"),
+            "--checkpoint.enable",
+            "false",
+        ]
     spec = {
         "restart": [*base, "--job.dump_folder", restart] if restart else None,
         "fresh": fresh_args,
