@@ -66,6 +66,18 @@ def resolve_step_dir(path: str, key: str) -> str:
     )
 
 
+def find_run_file(path: str, filename: str) -> str | None:
+    """`filename` of the run that wrote the checkpoint at `path` (a step folder or a checkpoint
+    folder): the first one found walking up (DUMP/checkpoint/step-N -> DUMP/filename)."""
+    here = os.path.abspath(path)
+    for _ in range(4):
+        here = os.path.dirname(here)
+        candidate = os.path.join(here, filename)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 # ----- plain state as tensors (no pickles inside the checkpoint) -----
 def json_to_blob(obj: Any) -> torch.Tensor:
     data = json.dumps(obj, sort_keys=True).encode()

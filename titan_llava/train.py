@@ -5,6 +5,8 @@ point of `python -m titan_llava.train` and of `run_train.sh` (torchrun).
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import os
@@ -21,7 +23,7 @@ from titan_llava.checkpoint import (
     find_resume_step,
     load_model_weights,
 )
-from titan_llava.checkpoint_io import fault_point, maybe_crash, maybe_sigterm
+from titan_llava.checkpoint_io import fault_point, find_run_file, maybe_crash, maybe_sigterm
 from titan_llava.config import JobConfig, load_config
 from titan_llava.data.batch import Batch
 from titan_llava.data.dataset import LlavaDataset
@@ -40,7 +42,12 @@ from titan_llava.distributed.utils import (
 from titan_llava.flops import document_lengths, peak_flops, step_flops
 from titan_llava.loss import cross_entropy_sum, global_valid_tokens, normalize_loss
 from titan_llava.metrics import MetricsLogger, device_memory_gib
-from titan_llava.models.args import LLAVA_FLAVORS, LlavaNextArgs
+from titan_llava.models.args import (
+    LLAVA_FLAVORS,
+    LlavaNextArgs,
+    llava_args_from_dict,
+    llava_args_to_dict,
+)
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import PART_PREFIXES, build_lr_scheduler, build_optimizer, part_of
 
@@ -51,17 +58,36 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient norm of a step is NaN/inf; raised on every rank before the update."""
 
 
-def resolve_model_args(cfg: JobConfig) -> LlavaNextArgs:
-    """The architecture: from Hugging Face config.json files when starting from HF weights (the
-    user never repeats dimensions), else the named flavor; [model] settings apply on top."""
+MODEL_ARGS_FILE = "model_args.json"  # the run's architecture, beside its config.json
+
+
+def earlier_run_model_args(cfg: JobConfig) -> tuple[LlavaNextArgs, str] | None:
+    """The architecture recorded by the run whose DCP checkpoint `checkpoint.initial_load_path`
+    points at (stage 1 -> stage 2), with the file it came from; None when there is none."""
     ck = cfg.checkpoint
+    if not ck.initial_load_path or ck.initial_load_in_hf:
+        return None
+    path = find_run_file(ck.initial_load_path, MODEL_ARGS_FILE)
+    if path is None:
+        return None
+    with open(path) as f:
+        return llava_args_from_dict(json.load(f), where=path), path
+
+
+def resolve_model_args(cfg: JobConfig) -> LlavaNextArgs:
+    """The architecture, so the user never repeats dimensions: from Hugging Face config.json files
+    when starting from HF weights; from the earlier run's model_args.json when starting from its
+    DCP checkpoint; else the named flavor. [model] settings apply on top."""
+    ck = cfg.checkpoint
+    earlier = earlier_run_model_args(cfg)
     if ck.initial_load_in_hf:
         from titan_llava.hf.loading import args_from_hf
 
         args = args_from_hf(**hf_dirs(ck.initial_load_path))
+    elif earlier is not None:
+        args = earlier[0]
     else:
-        args = LLAVA_FLAVORS[cfg.model.flavor]
-        args = replace(args, vision=replace(args.vision), llm=replace(args.llm))
+        args = copy.deepcopy(LLAVA_FLAVORS[cfg.model.flavor])
     return replace(
         args,
         attn_backend=cfg.model.attn_backend,
@@ -105,12 +131,13 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
         set_determinism(cfg.job.seed)
-        if self.rank == 0:
-            path = cfg.save()
-            logger.info(f"resolved config written to {path}")
-
         self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
         self.model_args = resolve_model_args(cfg)
+        if self.rank == 0:
+            path = cfg.save()
+            with open(os.path.join(cfg.job.dump_folder, MODEL_ARGS_FILE), "w") as f:
+                json.dump(llava_args_to_dict(self.model_args), f, indent=2)
+            logger.info(f"resolved config and architecture written to {path}, {MODEL_ARGS_FILE}")
         if self.tokenizer.vocab_size > self.model_args.llm.vocab_size:
             raise ValueError(
                 f"model.tokenizer_path: the tokenizer has {self.tokenizer.vocab_size} pieces but the "

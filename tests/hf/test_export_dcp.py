@@ -126,6 +126,6 @@ def test_trained_checkpoint_passes_the_gate(hf_start, tmp_path, capsys):
         assert torch.equal(exp[key], start_t[key]), key
 
 
-def test_missing_run_config_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="--checkpoint"):
-        _export(str(tmp_path), str(tmp_path / "out"))
+def test_missing_run_config_is_a_clear_error(tmp_path, capsys):
+    assert _export(str(tmp_path), str(tmp_path / "out")) == 2
+    assert "--checkpoint" in capsys.readouterr().err

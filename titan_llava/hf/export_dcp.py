@@ -5,6 +5,7 @@ chains), and the model tensors of a sharded DCP step folder, streamed on one pro
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -16,13 +17,14 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from titan_llava.checkpoint_io import (
     SafeFileSystemReader,
+    find_run_file,
     TensorOnlyLoadPlanner,
     read_metadata,
     resolve_step_dir,
 )
 from titan_llava.config import JobConfig
 from titan_llava.config_parse import load_config_file
-from titan_llava.models.args import LlavaNextArgs
+from titan_llava.models.args import LlavaNextArgs, llava_args_from_dict
 
 MODEL_PREFIX = "model."  # the checkpoint's "model" entry, flattened by DCP
 CONFIG_FILE = "config.json"
@@ -96,18 +98,26 @@ def resolve_run(
     checkpoint: str, config_path: str | None = None, tokenizer_path: str | None = None
 ) -> RunInfo:
     """Everything the export needs besides the tensors, from the run that wrote `checkpoint`."""
-    from titan_llava.train import resolve_model_args
+    from titan_llava.train import MODEL_ARGS_FILE, resolve_model_args
 
     step_dir = resolve_step_dir(checkpoint, "--checkpoint")
+    explicit_config = config_path is not None
     config_path = config_path or find_run_config(step_dir)
     cfg = load_run_config(config_path)
-    args = resolve_model_args(cfg)
     ck = cfg.checkpoint
-    arch = (
-        f"Hugging Face config.json in {ck.initial_load_path}"
-        if ck.initial_load_in_hf
-        else f"flavor {cfg.model.flavor!r}"
-    )
+    recorded = None if explicit_config else find_run_file(step_dir, MODEL_ARGS_FILE)
+    if recorded is not None:
+        # The architecture the run actually built (needs none of its input directories).
+        with open(recorded) as f:
+            args = llava_args_from_dict(json.load(f), where=recorded)
+        arch = recorded
+    else:
+        args = resolve_model_args(cfg)
+        arch = (
+            f"Hugging Face config.json in {ck.initial_load_path}"
+            if ck.initial_load_in_hf
+            else f"flavor {cfg.model.flavor!r}"
+        )
     return RunInfo(
         config_path=config_path,
         cfg=cfg,

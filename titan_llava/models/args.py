@@ -5,6 +5,7 @@ exact LLaVA-NeXT-Vicuna-7B shapes (Vicuna-7B-v1.5, CLIP ViT-L/14-336, mlp2x_gelu
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS
@@ -126,6 +127,25 @@ class LlavaNextArgs:
                     raise ValueError(
                         f"grid_pinpoints entry {(w, h)} is not a positive multiple of the tile {tile}"
                     )
+
+
+def llava_args_to_dict(args: LlavaNextArgs) -> dict:
+    """Plain JSON-able form of the architecture (what a run records in its dump folder)."""
+    d = dataclasses.asdict(args)
+    d["grid_pinpoints"] = [list(p) for p in args.grid_pinpoints]
+    return d
+
+
+def llava_args_from_dict(d: dict, where: str = "model_args") -> LlavaNextArgs:
+    """Inverse of llava_args_to_dict; unknown or missing fields are a ValueError naming `where`."""
+    try:
+        return LlavaNextArgs(
+            vision=CLIPVisionArgs(**d["vision"]),
+            llm=VicunaArgs(**d["llm"]),
+            **{k: v for k, v in d.items() if k not in ("vision", "llm")},
+        )
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: not a LlavaNextArgs record ({e})") from None
 
 
 VICUNA_FLAVORS: dict[str, VicunaArgs] = {
