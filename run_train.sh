@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Launch titan_llava training with torchrun.
 #   NGPU=8 CONFIG_FILE=train_configs/llava_next_vicuna7b_pretrain.toml ./run_train.sh [--section.key value ...]
-# Multi-node: set NNODES, NODE_RANK (or use a rendezvous) and RDZV_ENDPOINT=host:port on every node.
 # Extra arguments are passed through as config overrides.
-set -euo pipefail
+# Multi-node: NNODES=N RDZV_ENDPOINT=host:port [RDZV_ID=job-id] on every node (c10d rendezvous).
+# Exit status: 0 done, 2 config/input error, 75 preempted by SIGTERM after saving a checkpoint (run
+# the same command to resume), anything else a failure. SIGTERM/SIGINT sent to this script are
+# forwarded to torchrun, which forwards them to the workers.
+set -uo pipefail
 
 NGPU=${NGPU:-8}
 NNODES=${NNODES:-1}
@@ -19,7 +22,25 @@ fi
 
 export PYTHONUNBUFFERED=1
 export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+# torchrun reports any worker failure as 1; rank 0 writes the trainer's own status here.
+status_file=$(mktemp)
+trap 'rm -f "$status_file"' EXIT
+export TITAN_LLAVA_STATUS_FILE="$status_file"
 
-exec torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" "${rdzv_args[@]}" \
+torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" "${rdzv_args[@]}" \
   --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
-  -m titan_llava.train --job.config_file "$CONFIG_FILE" "$@"
+  -m titan_llava.train --job.config_file "$CONFIG_FILE" "$@" &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
+rc=0
+wait "$pid" || rc=$?
+# A trapped signal interrupts `wait`; keep waiting until torchrun has really exited.
+while kill -0 "$pid" 2>/dev/null; do
+  rc=0
+  wait "$pid" || rc=$?
+done
+status=$(cat "$status_file" 2>/dev/null || true)
+if [ -n "$status" ] && [ "$status" != "0" ]; then
+  exit "$status"
+fi
+exit "$rc"

@@ -433,13 +433,24 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             # User errors (ValueError by convention) before any training work: no traceback.
             print(f"titan_llava.train: error: {e}", file=sys.stderr)
+            _report_status(EXIT_CONFIG_ERROR)
             return EXIT_CONFIG_ERROR
         status = trainer.train()
     finally:
         if trainer is not None:
             trainer.close()
         destroy_distributed()
+    _report_status(status)
     return status
+
+
+def _report_status(status: int) -> None:
+    """torchrun turns any non-zero worker exit into 1; run_train.sh reads the real status (75 =
+    preempted, checkpoint saved) from the file it names in TITAN_LLAVA_STATUS_FILE."""
+    path = os.environ.get("TITAN_LLAVA_STATUS_FILE")
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        with open(path, "w") as f:
+            f.write(f"{status}\n")
 
 
 if __name__ == "__main__":
