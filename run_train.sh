@@ -22,9 +22,9 @@ fi
 
 export PYTHONUNBUFFERED=1
 export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
-# torchrun reports any worker failure as 1; rank 0 writes the trainer's own status here.
+# torchrun reports any worker failure as 1; the workers write the trainer's own status here.
 status_file=$(mktemp)
-trap 'rm -f "$status_file"' EXIT
+trap 'rm -f "$status_file" "$status_file".*' EXIT
 export TITAN_LLAVA_STATUS_FILE="$status_file"
 
 torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" "${rdzv_args[@]}" \

@@ -5,25 +5,24 @@ point of `python -m titan_llava.train` and of `run_train.sh` (torchrun).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
 import sys
 import time
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
+from titan_llava.architecture import MODEL_ARGS_FILE, hf_dirs, resolve_model_args
 from titan_llava.checkpoint import (
     PREEMPTED_EXIT_CODE,
     CheckpointManager,
     find_resume_step,
     load_model_weights,
 )
-from titan_llava.checkpoint_io import fault_point, find_run_file, maybe_crash, maybe_sigterm
+from titan_llava.checkpoint_io import fault_point, maybe_crash, maybe_sigterm
 from titan_llava.config import JobConfig, load_config
 from titan_llava.data.batch import Batch
 from titan_llava.data.dataset import LlavaDataset
@@ -42,12 +41,7 @@ from titan_llava.distributed.utils import (
 from titan_llava.flops import document_lengths, peak_flops, step_flops
 from titan_llava.loss import cross_entropy_sum, global_valid_tokens, normalize_loss
 from titan_llava.metrics import MetricsLogger, device_memory_gib
-from titan_llava.models.args import (
-    LLAVA_FLAVORS,
-    LlavaNextArgs,
-    llava_args_from_dict,
-    llava_args_to_dict,
-)
+from titan_llava.models.args import llava_args_to_dict
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import PART_PREFIXES, build_lr_scheduler, build_optimizer, part_of
 
@@ -56,58 +50,6 @@ logger = logging.getLogger("titan_llava")
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient norm of a step is NaN/inf; raised on every rank before the update."""
-
-
-MODEL_ARGS_FILE = "model_args.json"  # the run's architecture, beside its config.json
-
-
-def earlier_run_model_args(cfg: JobConfig) -> tuple[LlavaNextArgs, str] | None:
-    """The architecture recorded by the run whose DCP checkpoint `checkpoint.initial_load_path`
-    points at (stage 1 -> stage 2), with the file it came from; None when there is none."""
-    ck = cfg.checkpoint
-    if not ck.initial_load_path or ck.initial_load_in_hf:
-        return None
-    path = find_run_file(ck.initial_load_path, MODEL_ARGS_FILE)
-    if path is None:
-        return None
-    with open(path) as f:
-        return llava_args_from_dict(json.load(f), where=path), path
-
-
-def resolve_model_args(cfg: JobConfig) -> LlavaNextArgs:
-    """The architecture, so the user never repeats dimensions: from Hugging Face config.json files
-    when starting from HF weights; from the earlier run's model_args.json when starting from its
-    DCP checkpoint; else the named flavor. [model] settings apply on top."""
-    ck = cfg.checkpoint
-    earlier = earlier_run_model_args(cfg)
-    if ck.initial_load_in_hf:
-        from titan_llava.hf.loading import args_from_hf
-
-        args = args_from_hf(**hf_dirs(ck.initial_load_path))
-    elif earlier is not None:
-        args = earlier[0]
-    else:
-        args = copy.deepcopy(LLAVA_FLAVORS[cfg.model.flavor])
-    return replace(
-        args,
-        attn_backend=cfg.model.attn_backend,
-        image_aspect_ratio=cfg.model.image_aspect_ratio,
-        grid_pinpoints=[tuple(p) for p in cfg.model.grid_pinpoints],
-    )
-
-
-def hf_dirs(initial_load_path: str) -> dict[str, str]:
-    """checkpoint.initial_load_path with initial_load_in_hf: one LlavaNext directory, or
-    "LLM_DIR,CLIP_DIR" (a Llama/Vicuna directory and a CLIP directory)."""
-    parts = [p.strip() for p in initial_load_path.split(",") if p.strip()]
-    if len(parts) == 1:
-        return {"llava_dir": parts[0]}
-    if len(parts) == 2:
-        return {"llm_dir": parts[0], "clip_dir": parts[1]}
-    raise ValueError(
-        "checkpoint.initial_load_path: expected one LlavaNext directory or 'LLM_DIR,CLIP_DIR', "
-        f"got {initial_load_path!r}"
-    )
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
@@ -446,11 +388,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_status(status: int) -> None:
     """torchrun turns any non-zero worker exit into 1; run_train.sh reads the real status (75 =
-    preempted, checkpoint saved) from the file it names in TITAN_LLAVA_STATUS_FILE."""
+    preempted, checkpoint saved; 2 = config error) from the file it names in
+    TITAN_LLAVA_STATUS_FILE. Every rank writes it (they agree), because torchrun may stop the other
+    ranks as soon as the first one exits."""
     path = os.environ.get("TITAN_LLAVA_STATUS_FILE")
-    if path and int(os.environ.get("RANK", "0")) == 0:
-        with open(path, "w") as f:
+    if path:
+        # Write-then-rename: a rank stopped mid-write never leaves the file empty.
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
             f.write(f"{status}\n")
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class RunInfo:
 
 def _pretrained_vision_dir(cfg: JobConfig, config_path: str) -> str | None:
     """Where the run's vision tower came from, following DCP initial loads back to an HF start."""
-    from titan_llava.train import hf_dirs
+    from titan_llava.architecture import hf_dirs
 
     seen = [config_path]
     for _ in range(_MAX_CHAIN):
@@ -98,7 +98,7 @@ def resolve_run(
     checkpoint: str, config_path: str | None = None, tokenizer_path: str | None = None
 ) -> RunInfo:
     """Everything the export needs besides the tensors, from the run that wrote `checkpoint`."""
-    from titan_llava.train import MODEL_ARGS_FILE, resolve_model_args
+    from titan_llava.architecture import MODEL_ARGS_FILE, resolve_model_args
 
     step_dir = resolve_step_dir(checkpoint, "--checkpoint")
     explicit_config = config_path is not None

@@ -1,0 +1,65 @@
+"""Which architecture a run builds: from Hugging Face config.json files, from the earlier run whose
+checkpoint it starts from (model_args.json), or from a named flavor; plus the HF-directory rule
+of `checkpoint.initial_load_path`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+from titan_llava.checkpoint_io import find_run_file
+from titan_llava.config import JobConfig
+from titan_llava.models.args import LLAVA_FLAVORS, LlavaNextArgs, llava_args_from_dict
+
+MODEL_ARGS_FILE = "model_args.json"  # the run's architecture, beside its config.json
+
+
+def earlier_run_model_args(cfg: JobConfig) -> tuple[LlavaNextArgs, str] | None:
+    """The architecture recorded by the run whose DCP checkpoint `checkpoint.initial_load_path`
+    points at (stage 1 -> stage 2), with the file it came from; None when there is none."""
+    ck = cfg.checkpoint
+    if not ck.initial_load_path or ck.initial_load_in_hf:
+        return None
+    path = find_run_file(ck.initial_load_path, MODEL_ARGS_FILE)
+    if path is None:
+        return None
+    with open(path) as f:
+        return llava_args_from_dict(json.load(f), where=path), path
+
+
+def resolve_model_args(cfg: JobConfig) -> LlavaNextArgs:
+    """The architecture, so the user never repeats dimensions: from Hugging Face config.json files
+    when starting from HF weights; from the earlier run's model_args.json when starting from its
+    DCP checkpoint; else the named flavor. [model] settings apply on top."""
+    ck = cfg.checkpoint
+    earlier = earlier_run_model_args(cfg)
+    if ck.initial_load_in_hf:
+        from titan_llava.hf.loading import args_from_hf
+
+        args = args_from_hf(**hf_dirs(ck.initial_load_path))
+    elif earlier is not None:
+        args = earlier[0]
+    else:
+        args = copy.deepcopy(LLAVA_FLAVORS[cfg.model.flavor])
+    return replace(
+        args,
+        attn_backend=cfg.model.attn_backend,
+        image_aspect_ratio=cfg.model.image_aspect_ratio,
+        grid_pinpoints=[tuple(p) for p in cfg.model.grid_pinpoints],
+    )
+
+
+def hf_dirs(initial_load_path: str) -> dict[str, str]:
+    """checkpoint.initial_load_path with initial_load_in_hf: one LlavaNext directory, or
+    "LLM_DIR,CLIP_DIR" (a Llama/Vicuna directory and a CLIP directory)."""
+    parts = [p.strip() for p in initial_load_path.split(",") if p.strip()]
+    if len(parts) == 1:
+        return {"llava_dir": parts[0]}
+    if len(parts) == 2:
+        return {"llm_dir": parts[0], "clip_dir": parts[1]}
+    raise ValueError(
+        "checkpoint.initial_load_path: expected one LlavaNext directory or 'LLM_DIR,CLIP_DIR', "
+        f"got {initial_load_path!r}"
+    )
