@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from titan_llava.data.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 WORLD_SIZE_KEY = "dp_world_size"
+_CLOSE_TIMEOUT_S = 120.0  # longest a worker may take to finish its current sample on close()
 
 
 class LlavaDataLoader:
@@ -119,12 +121,24 @@ class LlavaDataLoader:
         Without it they stop when garbage collected, which may happen on one of their own threads.
         """
         node = self._loader.root
+        threads: list[threading.Thread] = []
         while node is not None:
             it = getattr(node, "_it", None)
             for obj in (it, getattr(it, "_it", None)):
                 if obj is not None and hasattr(obj, "_shutdown"):
                     obj._shutdown()
+                    for name in ("_thread", "_read_thread", "_sort_thread", "_workers"):
+                        t = getattr(obj, name, None)
+                        threads += t if isinstance(t, list) else [t] if t is not None else []
             node = getattr(node, "source", None)
+        # torchdata's _shutdown waits only ~0.5 s per thread; a worker still inside a slow sample
+        # (a large image on a busy machine) would outlive it, and a daemon thread caught in C++
+        # code at interpreter exit aborts the process ("terminate called ..."). Wait it out.
+        for t in threads:
+            if isinstance(t, threading.Thread) and t.is_alive():
+                t.join(timeout=_CLOSE_TIMEOUT_S)
+                if t.is_alive():
+                    logger.warning(f"data loader thread {t.name} still running after close()")
 
     def counters(self) -> dict[str, int]:
         return dict(self.pipeline_state()["counters"])
