@@ -277,11 +277,7 @@ class JobConfig:
     # ----- derived values -----
     def lr_for(self, part: str) -> float:
         """Learning rate of a model part ("llm" | "vision" | "projector")."""
-        per_part = {
-            "llm": self.optimizer.llm_lr,
-            "vision": self.optimizer.vision_lr,
-            "projector": self.optimizer.projector_lr,
-        }[part]
+        per_part = getattr(self.optimizer, f"{part}_lr")  # llm_lr | vision_lr | projector_lr
         return self.optimizer.lr if per_part is None else per_part
 
     def warmup_steps(self, total_steps: int | None = None) -> int:

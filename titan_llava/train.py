@@ -32,6 +32,7 @@ from titan_llava.data.tokenizer import Tokenizer
 from titan_llava.distributed.parallel_dims import ParallelDims
 from titan_llava.distributed.parallelize import parallelize_llava
 from titan_llava.distributed.utils import (
+    all_reduce_counts,
     all_reduce_scalars,
     destroy_distributed,
     init_distributed,
@@ -277,16 +278,6 @@ class Trainer:
             "flops": flops,
         }
 
-    def _skip_counts_all_ranks(self) -> dict[str, int]:
-        """Skipped samples per reason since the run began, summed over all ranks."""
-        per_rank = [None] * self.world_size
-        dist.all_gather_object(per_rank, self.data_loader.skip_counts())
-        total: dict[str, int] = {}
-        for counts in per_rank:
-            for reason, n in counts.items():
-                total[reason] = total.get(reason, 0) + n
-        return total
-
     def train(self) -> int:
         """Runs to the last step (returns 0) or to a SIGTERM (saves, returns PREEMPTED_EXIT_CODE)."""
         cfg = self.cfg
@@ -330,7 +321,7 @@ class Trainer:
                     samples=int(totals["samples"]),
                     flops=totals["flops"],
                     data_wait_s=totals["data_wait_s"] / self.world_size,
-                    skipped=self._skip_counts_all_ranks(),
+                    skipped=all_reduce_counts(self.data_loader.skip_counts()),
                     memory_gib=device_memory_gib(self.device),
                 )
                 window = dict.fromkeys(window, 0.0)

@@ -87,3 +87,27 @@ def test_text_only_rank_beside_multimodal_rank_does_not_hang(tmp_path):
     records = read_metrics(dump)
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["image_tokens_per_sec"] > 0 for r in records)
+
+
+def test_skipped_samples_are_summed_over_ranks(tmp_path):
+    """A bad sample on rank 1 only shows up in rank 0's metrics.jsonl (counts are all-reduced)."""
+    with open(f"{SAMPLE_DATA}/finetune.json") as f:
+        samples = json.load(f)
+    good = [s for s in samples if isinstance(s.get("image"), str)][:4]
+    broken = {**good[1], "id": "broken-1", "image": "no_such_image.jpg"}
+    # No shuffle, one sample per rank per step: rank 1 takes items 1, 3, 5 (the broken one is 1).
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([good[0], broken, good[2], good[1], good[3], good[0]]))
+    dump = str(tmp_path / "run")
+    run_train(
+        dump,
+        [
+            "--data.path", str(data), "--data.shuffle", "false", "--training.steps", "2",
+            "--training.local_batch_size", "1", "--training.global_batch_size", "2",
+            "--checkpoint.enable", "false",
+        ],
+        nproc=2,
+        timeout=180,
+    )
+    records = read_metrics(dump)
+    assert records[-1]["skipped"] == {"image_missing": 1}, records[-1]["skipped"]

@@ -109,3 +109,16 @@ def all_reduce_scalars(values: dict[str, float], device: torch.device, op: str =
     else:
         raise AssertionError(f"unknown op {op}")
     return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Sum per-key counters over ranks whose key sets may differ (e.g. skipped samples by reason)."""
+    if not _is_dist():
+        return dict(counts)
+    per_rank: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, counts)
+    total: dict[str, int] = {}
+    for rank_counts in per_rank:
+        for key, n in (rank_counts or {}).items():
+            total[key] = total.get(key, 0) + n
+    return total

@@ -1,1 +1,2 @@
-"""Plain-PyTorch model modules (no torch.distributed here): Vicuna, CLIP-ViT, projector, LLaVA-NeXT."""
+"""Plain-PyTorch model modules (parallelism is applied from outside, never here): Vicuna, CLIP-ViT,
+projector, LLaVA-NeXT."""
