@@ -221,3 +221,19 @@ def test_shipped_tomls_exist():
 def test_parse_cli_forms():
     assert parse_cli(["--a.b", "1", "--c.d=x=y", "--e.f"]) == {
         "a": {"b": "1"}, "c": {"d": "x=y"}, "e": {"f": "true"}}
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("data.max_seq_len", "0"),
+        ("data.num_workers", "-1"),
+        ("checkpoint.interval", "0"),
+        ("checkpoint.keep_latest_k", "-1"),
+        ("metrics.log_freq", "0"),
+    ],
+)
+def test_out_of_range_counts_name_the_key(key, value):
+    cfg = load_config([f"--{key}", value])
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        cfg.validate()

@@ -340,10 +340,6 @@ class JobConfig:
             )
         if not 0.0 <= s.min_lr_ratio <= 1.0:
             raise ValueError(f"lr_scheduler.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
-        if self.data.max_seq_len <= 0:
-            raise ValueError(f"data.max_seq_len must be > 0, got {self.data.max_seq_len}")
-        if self.data.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
         if self.model.image_aspect_ratio == "anyres":
             if not self.model.grid_pinpoints:
                 raise ValueError("model.grid_pinpoints must not be empty for image_aspect_ratio anyres")
@@ -363,14 +359,17 @@ class JobConfig:
         if bad:
             raise ValueError(f"compile.components may hold 'llm' and 'vision', got {bad}")
         c = self.checkpoint
-        if c.interval <= 0:
-            raise ValueError(f"checkpoint.interval must be > 0, got {c.interval}")
-        if c.keep_latest_k < 0:
-            raise ValueError(f"checkpoint.keep_latest_k must be >= 0, got {c.keep_latest_k}")
+        for key, value, low in (
+            ("data.max_seq_len", self.data.max_seq_len, 1),
+            ("data.num_workers", self.data.num_workers, 0),
+            ("checkpoint.interval", c.interval, 1),
+            ("checkpoint.keep_latest_k", c.keep_latest_k, 0),
+            ("metrics.log_freq", self.metrics.log_freq, 1),
+        ):
+            if value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value}")
         if c.initial_load_in_hf and not c.initial_load_path:
             raise ValueError("checkpoint.initial_load_in_hf needs checkpoint.initial_load_path")
-        if self.metrics.log_freq <= 0:
-            raise ValueError(f"metrics.log_freq must be > 0, got {self.metrics.log_freq}")
         from titan_llava.models.args import LLAVA_FLAVORS
 
         if not c.initial_load_in_hf and self.model.flavor not in LLAVA_FLAVORS:
