@@ -129,6 +129,7 @@ dist.all_gather_object(errors, res.pop("restart_error", None))
 res["restart_errors"] = errors
 if dist.get_rank() == 0:
     torch.save(res, spec["out"])
+dist.barrier()  # no collective left in flight at teardown
 dist.destroy_process_group()
 """
 

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint;
     2 a configuration or input error found during set-up (the message
     names the key, file or sample); anything else is a crash with its traceback."""
-    trainer = None
+    trainer, finished = None, False
     try:
         try:
             cfg = load_config(argv)
@@ -369,10 +369,12 @@ def main(argv: list[str] | None = None) -> int:
             _report_status(EXIT_CONFIG_ERROR)
             return EXIT_CONFIG_ERROR
         status = trainer.train()
+        finished = True
     finally:
         if trainer is not None:
             trainer.close()
-        destroy_distributed()
+        # Only a run that ended normally on every rank can meet at a barrier.
+        destroy_distributed(barrier=finished)
     _report_status(status)
     return status
 

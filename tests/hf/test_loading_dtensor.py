@@ -42,6 +42,7 @@ def _worker(rank: int, init_file: str, ckpt_dir: str, out_dir: str) -> None:
         full = {k: v.full_tensor() for k, v in state.items()}
         if rank == 0:
             save_file(full, os.path.join(out_dir, "gathered.safetensors"))
+        dist.barrier()  # no collective left in flight at teardown
     finally:
         dist.destroy_process_group()
 

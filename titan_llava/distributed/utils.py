@@ -3,6 +3,7 @@ all-reduce helpers, and seeding for reproducible runs."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -45,9 +46,20 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(barrier: bool = True) -> None:
+    """Tear the process groups down while the interpreter is fully alive.
+
+    The barrier (gloo's waits for every outstanding operation first) leaves no collective in
+    flight; otherwise a backend thread can still hold work with tensors when Python finalises, and
+    freeing them then aborts the process ("terminate called without an active exception"). Objects
+    such as device meshes keep a group alive past destroy_process_group, hence the collect.
+    Pass barrier=False when leaving on an error that other ranks may not share.
+    """
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
+    gc.collect()
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> None:
