@@ -155,37 +155,32 @@ def _write_images(
     return names
 
 
-def write_dataset(
-    folder: str,
+def make_records(
     stage: int,
     num_samples: int,
     seed: int = 0,
     images_per_size: int = 2,
-    tokenizer_path: str = TOKENIZER_PATH,
-) -> tuple[str, SyntheticStats]:
-    """Write `folder`/data.json (+ images/) for `stage` 1 or 2; returns (json path, stats).
-
-    Stage 1: plain captions of 6-20 words' tokens (~16 text tokens after the template), one image
-    each. Stage 2: vicuna_v1 chats of 1-4 rounds, 40-220 tokens of turns (~250 text tokens with
-    system prompt and roles); 6% text-only chats of 600-1600 tokens of turns (ShareGPT-like)."""
+    tokenizer: Tokenizer | None = None,
+) -> tuple[list[dict], list[tuple[int, int] | None]]:
+    """The LLaVA records of `write_dataset` (image names `images/<w>x<h>_<k>.jpg`) and each record's
+    image size (None for text-only), without writing anything."""
     assert stage in (1, 2), stage
     rng = random.Random(seed)
-    tok = Tokenizer(tokenizer_path)
+    tok = tokenizer or Tokenizer(TOKENIZER_PATH)
     sizes = STAGE1_SIZES if stage == 1 else STAGE2_SIZES
-    names = _write_images(folder, sizes, images_per_size)
     weights = [s[2] for s in sizes]
-    records, tiles, img_tokens, text_only = [], [], [], 0
+    records: list[dict] = []
+    image_sizes: list[tuple[int, int] | None] = []
     for i in range(num_samples):
         has_image = stage == 1 or rng.random() >= 0.06
         rec: dict = {"id": f"synth-{stage}-{i:06d}"}
         if has_image:
             k = rng.choices(range(len(sizes)), weights)[0]
-            rec["image"] = rng.choice(names[k])
             w, h = sizes[k][:2]
-            tiles.append(num_tiles((w, h), LLAVA_NEXT_GRID_PINPOINTS))
-            img_tokens.append(num_image_tokens((w, h), LLAVA_NEXT_GRID_PINPOINTS))
+            rec["image"] = f"images/{w}x{h}_{rng.randrange(images_per_size)}.jpg"
+            image_sizes.append((w, h))
         else:
-            text_only += 1
+            image_sizes.append(None)
         if stage == 1:
             rec["conversations"] = [
                 {
@@ -208,6 +203,49 @@ def write_dataset(
                 )
             rec["conversations"] = conv
         records.append(rec)
+    return records, image_sizes
+
+
+def token_lengths(
+    records: list[dict],
+    image_sizes: list[tuple[int, int] | None],
+    stage: int,
+    max_seq_len: int,
+    tokenizer: Tokenizer | None = None,
+) -> list[int]:
+    """Each record's training length in tokens (template text + AnyRes image tokens, truncated to
+    `max_seq_len`): the row length the data pipeline gives it."""
+    tok = tokenizer or Tokenizer(TOKENIZER_PATH)
+    template = "plain" if stage == 1 else "vicuna_v1"
+    lengths = []
+    for rec, size in zip(records, image_sizes):
+        ids, _ = tokenize_conversation(rec["conversations"], tok, template, size is not None)
+        n = sum(1 for t in ids if t != IMAGE_TOKEN_INDEX)
+        if size is not None:
+            n += num_image_tokens(size, LLAVA_NEXT_GRID_PINPOINTS)
+        lengths.append(min(n, max_seq_len))
+    return lengths
+
+
+def write_dataset(
+    folder: str,
+    stage: int,
+    num_samples: int,
+    seed: int = 0,
+    images_per_size: int = 2,
+    tokenizer_path: str = TOKENIZER_PATH,
+) -> tuple[str, SyntheticStats]:
+    """Write `folder`/data.json (+ images/) for `stage` 1 or 2; returns (json path, stats).
+
+    Stage 1: plain captions of 6-20 words' tokens (~16 text tokens after the template), one image
+    each. Stage 2: vicuna_v1 chats of 1-4 rounds, 40-220 tokens of turns (~250 text tokens with
+    system prompt and roles); 6% text-only chats of 600-1600 tokens of turns (ShareGPT-like)."""
+    tok = Tokenizer(tokenizer_path)
+    records, image_sizes = make_records(stage, num_samples, seed, images_per_size, tok)
+    sizes = STAGE1_SIZES if stage == 1 else STAGE2_SIZES
+    _write_images(folder, sizes, images_per_size)
+    tiles = [num_tiles(s, LLAVA_NEXT_GRID_PINPOINTS) for s in image_sizes if s is not None]
+    img_tokens = [num_image_tokens(s, LLAVA_NEXT_GRID_PINPOINTS) for s in image_sizes if s is not None]
     path = os.path.join(folder, "data.json")
     with open(path, "w") as f:
         json.dump(records, f)
@@ -218,7 +256,7 @@ def write_dataset(
         text_lens.append(sum(1 for t in ids if t != IMAGE_TOKEN_INDEX))
     stats = SyntheticStats(
         samples=num_samples,
-        text_only=text_only,
+        text_only=sum(1 for s in image_sizes if s is None),
         mean_tiles=float(np.mean(tiles)) if tiles else 0.0,
         mean_image_tokens=float(np.mean(img_tokens)) if img_tokens else 0.0,
         mean_text_tokens=float(np.mean(text_lens)),

@@ -140,12 +140,17 @@ def _full_model(step_dir: str) -> dict[str, torch.Tensor]:
 
 
 def test_stage1_to_stage2_chain(tmp_path):
+    # Stage 1 computes in bf16, so its frozen parts are stored (and saved) in bf16; stage 2 loads
+    # them into fp32 parameters (the reference also starts stage 2 from bf16-loaded weights).
+    stage1 = ["--training.trainable", '["projector"]', "--training.mixed_precision_param", "bfloat16"]
     s1 = str(tmp_path / "s1")
-    ok(train(s1, *RUN, "--training.steps", "3", "--training.trainable", '["projector"]'))
+    ok(train(s1, *RUN, "--training.steps", "3", *stage1))
     w1 = _full_model(os.path.join(ckpt(s1), "step-3"))
+    for k, v in w1.items():
+        assert v.dtype == (torch.float32 if k.startswith(("projector.", "image_newline")) else torch.bfloat16), k
     starts = _start_weights(
         tmp_path,
-        init=["--training.trainable", '["projector"]'],
+        init=stage1,
         s2=["--training.trainable", '["projector","llm","vision"]',
             "--checkpoint.initial_load_path", os.path.join(ckpt(s1), "step-3"),
             "--checkpoint.initial_load_model_only", "true"],
@@ -153,7 +158,8 @@ def test_stage1_to_stage2_chain(tmp_path):
     init, w2 = starts["init"], starts["s2"]
     assert w1.keys() == w2.keys() == init.keys()
     for k in w1:
-        assert torch.equal(w2[k], w1[k]), k  # stage 2 starts from stage 1's last weights
+        assert w2[k].dtype == torch.float32, k
+        assert torch.equal(w2[k], w1[k].float()), k  # stage 2 starts from stage 1's last weights
         if k.startswith(("language_model.", "vision_tower.")):
             assert torch.equal(w2[k], init[k]), k  # frozen in stage 1: the initial weights
     changed = [k for k in w1 if k.startswith("projector.") and not torch.equal(w1[k], init[k])]

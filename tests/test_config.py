@@ -128,6 +128,8 @@ def test_validate_batch_and_parallelism():
         (["--checkpoint.initial_load_in_hf"], "checkpoint.initial_load_in_hf"),
         (["--training.steps", "0"], "training.steps"),
         (["--compile.components", "llm,projector"], "compile.components"),
+        (["--data.packing", "--data.packing_row_len", "2048"], "data.packing_row_len"),
+        (["--data.packing", "--training.steps", "-1"], "data.packing = false"),
     ],
 )
 def test_validate_rejects(argv, key):
@@ -143,6 +145,10 @@ def test_warmup_and_steps():
     cfg.validate(world_size=8)
     assert cfg.resolve_steps(558128) == 2181  # the reference's stage-1 step count
     assert cfg.lr_for("vision") == cfg.optimizer.lr
+    assert cfg.packing_row_len() == 4096
+    cfg = load_config(["--data.packing_row_len", "16384"])
+    cfg.validate()
+    assert cfg.packing_row_len() == 16384
     cfg = load_config(["--optimizer.vision_lr", "2e-6"])
     assert cfg.lr_for("vision") == 2e-6 and cfg.lr_for("llm") == cfg.optimizer.lr
 
@@ -228,6 +234,7 @@ def test_parse_cli_forms():
     [
         ("data.max_seq_len", "0"),
         ("data.num_workers", "-1"),
+        ("data.packing_lookahead", "0"),
         ("checkpoint.interval", "0"),
         ("checkpoint.keep_latest_k", "-1"),
         ("metrics.log_freq", "0"),

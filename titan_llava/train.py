@@ -108,6 +108,8 @@ class Trainer:
             cfg.data.max_seq_len,
             cfg.training.local_batch_size,
             packing=cfg.data.packing,
+            packing_row_len=cfg.packing_row_len(),
+            packing_lookahead=cfg.data.packing_lookahead,
             shuffle=cfg.data.shuffle,
             seed=cfg.job.seed,
             group_by_modality_length=cfg.data.group_by_modality_length,
@@ -286,7 +288,8 @@ class Trainer:
         logger.info(
             f"training {self.total_steps} steps: {self.dims.dp_degree} data-parallel ranks x "
             f"{self.grad_accum} micro-batches x {cfg.training.local_batch_size} rows of "
-            f"<= {cfg.data.max_seq_len} tokens"
+            f"<= {cfg.packing_row_len() if cfg.data.packing else cfg.data.max_seq_len} tokens"
+            + (f" (packed, look-ahead {cfg.data.packing_lookahead})" if cfg.data.packing else "")
         )
         window = {"tokens": 0.0, "image_tokens": 0.0, "text_tokens": 0.0, "samples": 0.0,
                   "flops": 0.0, "data_wait_s": 0.0}

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import os
+
+import pytest
 
 from titan_llava.data import inspect as inspect_mod
 from titan_llava.data.loader import build_data_loader
@@ -49,3 +53,21 @@ def test_inspect_reads_config_and_flags_override(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert out.startswith("samples: 5 ")
     assert "longer than max_seq_len 100" in out
+
+
+def test_inspect_estimates_packed_rows(capsys) -> None:
+    argv = ["--data-path", os.path.join(DATA, "finetune.json"), "--image-folder", DATA,
+            "--tokenizer", TOKENIZER, "--template", "vicuna_v1", "--max-seq-len", "4096"]
+    assert inspect_mod.main(argv) == 0
+    assert "packing" not in capsys.readouterr().out  # only on request
+    assert inspect_mod.main(argv + ["--packing", "--packing-row-len", "8192", "--global-batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    line = [l for l in out.splitlines() if l.startswith("packing (rows of 8192 tokens, lookahead 8)")][0]
+    rows = int(re.search(r"~([\d,]+) rows per epoch", line).group(1))
+    total = [l for l in out.splitlines() if l.startswith("total tokens")][0]
+    mean = float(re.search(r"mean ([\d.]+)", total).group(1))
+    # Between a perfect fill of 8192-token rows and one sample per row.
+    assert math.ceil(20 * mean / 8192) <= rows < 20
+    assert f"~{math.ceil(rows / 2)} steps per epoch" in out
+    with pytest.raises(SystemExit):
+        inspect_mod.main(argv + ["--packing", "--packing-row-len", "1000"])

@@ -64,12 +64,18 @@ def assert_batches_equal(a: Batch, b: Batch) -> None:
             assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("packing", [False, True])
+# Packing: greedy 400-token rows, and best-fit rows of 600 tokens (a bigger buffer, out of order).
+_PACKING = {"none": {}, "greedy": dict(packing=True, packing_lookahead=1), "best-fit": dict(packing=True, packing_lookahead=4, packing_row_len=600)}
+
+
+@pytest.mark.parametrize("mode", list(_PACKING))
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_is_exact(packing: bool, num_workers: int) -> None:
+def test_resume_is_exact(mode: str, num_workers: int) -> None:
     num_batches = 8
+    opts = _PACKING[mode]
+    packing = bool(opts)
     for rank in range(2):  # two simulated DP ranks
-        ref_loader = make_loader(packing=packing, num_workers=num_workers, dp_rank=rank, dp_world_size=2)
+        ref_loader = make_loader(**opts, num_workers=num_workers, dp_rank=rank, dp_world_size=2)
         it = iter(ref_loader)
         batches, states = [], []
         for _ in range(num_batches):
@@ -81,7 +87,7 @@ def test_resume_is_exact(packing: bool, num_workers: int) -> None:
         if packing:
             assert any(d["buffer"] for d in decoded[:-2])
         for k in range(1, num_batches - 1):
-            resumed = make_loader(packing=packing, num_workers=num_workers, dp_rank=rank, dp_world_size=2)
+            resumed = make_loader(**opts, num_workers=num_workers, dp_rank=rank, dp_world_size=2)
             resumed.load_state_dict(states[k - 1])
             rit = iter(resumed)
             for j in range(k, min(k + 2, num_batches)):
@@ -171,3 +177,74 @@ def test_pin_memory_flag_runs_on_cpu() -> None:
     assert batch.input_ids.shape[0] == 2
     if not torch.cuda.is_available():
         assert not batch.input_ids.is_pinned()
+
+
+
+def test_packed_rows_longer_than_max_seq_len_hold_the_unpacked_samples() -> None:
+    """Best-fit rows of up to 500 tokens with samples truncated at 200: every document equals the
+    same sample's unpacked row, positions restart per document, tiles follow document order, each
+    batch is padded to its longest row only, and every sample is emitted exactly once."""
+    common = dict(max_seq_len=200, shuffle=False, prefetch=0)
+    alone: dict[str, Batch] = {}
+    it = iter(make_loader(local_batch_size=1, **common))
+    for _ in range(20):  # the whole file, one sample per batch (no padding at all)
+        batch = next(it)
+        alone[batch.sample_ids[0][0]] = batch
+    longest_sample = max(b.input_ids.shape[1] for b in alone.values())
+    assert 150 < longest_sample <= 200  # some samples are truncated at max_seq_len (256 tokens)
+
+    loader = make_loader(local_batch_size=2, packing=True, packing_row_len=500, packing_lookahead=4, **common)
+    packed = iter(loader)
+    emitted: list[str] = []
+    multi_document_rows = long_rows = 0
+    while len(emitted) < 20:
+        batch = next(packed)
+        width = batch.input_ids.shape[1]
+        row_ends, tiles = [], []
+        for r, sids in enumerate(batch.sample_ids):
+            offset = 0
+            for d, sid in enumerate(sids):
+                ref = alone[sid]
+                n = ref.input_ids.shape[1]
+                assert torch.equal(batch.input_ids[r, offset : offset + n], ref.input_ids[0])
+                assert torch.equal(batch.labels[r, offset : offset + n], ref.labels[0])
+                assert batch.positions[r, offset : offset + n].tolist() == list(range(n))
+                assert (batch.document_ids[r, offset : offset + n] == d).all()
+                if ref.pixel_values is not None:
+                    tiles.append(ref.pixel_values)
+                offset += n
+            assert offset <= 500
+            row_ends.append(offset)
+            # Padding: its own document, no labels.
+            assert (batch.labels[r, offset:] == IGNORE_INDEX).all()
+            assert (batch.document_ids[r, offset:] == len(sids)).all()
+            multi_document_rows += len(sids) > 1
+            long_rows += offset > 200
+            emitted += sids
+        assert width == max(row_ends)  # padded to the longest row, not to packing_row_len
+        if tiles:
+            assert torch.equal(batch.pixel_values, torch.cat(tiles))
+    # Nothing lost or repeated: what was emitted plus what the packer holds is exactly the samples
+    # pulled so far, in the sampler's (unshuffled, wrapping) order.
+    state = json.loads(loader.state_dict()["dp_rank_0"])
+    ds = LlavaDataset(os.path.join(DATA, "finetune.json"))
+    order = [ds.sample_id(ds.read_record(i % len(ds)), i % len(ds)) for i in range(3 * len(ds))]
+    pulled = state["sampler"]["epoch"] * len(ds) + state["sampler"]["position"]
+    held = [ds.sample_id(ds.read_record(index), index) for index, _, _ in state["buffer"]]
+    assert sorted(emitted + held) == sorted(order[:pulled])
+    assert held and emitted[:20] != order[:20]  # the look-ahead did reorder
+    assert multi_document_rows and long_rows
+
+
+def test_packing_settings_are_part_of_the_resume_fingerprint() -> None:
+    loader = make_loader(packing=True, packing_lookahead=4)
+    next(iter(loader))
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="packing_lookahead: saved 4, now 1"):
+        make_loader(packing=True, packing_lookahead=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="packing_row_len: saved 400, now 800"):
+        make_loader(packing=True, packing_lookahead=4, packing_row_len=800).load_state_dict(state)
+    with pytest.raises(ValueError, match="packing_row_len .300. must be >= data.max_seq_len .400."):
+        make_loader(packing=True, packing_row_len=300)
+    with pytest.raises(ValueError, match="packing_lookahead must be >= 1"):
+        make_loader(packing=True, packing_lookahead=0)

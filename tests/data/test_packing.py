@@ -1,12 +1,16 @@
-"""Packing: greedy rows, per-document positions/ids, padding, image order; hand-written expectations."""
+"""Packing: best-fit rows (and greedy as lookahead 1), per-document positions/ids, padding, image
+order; hand-written expectations."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 
 from titan_llava.constants import IGNORE_INDEX as IGN
 from titan_llava.constants import IMAGE_TOKEN_INDEX as IMG
-from titan_llava.data.packing import collate_rows, greedy_rows
+from titan_llava.data.packing import best_fit_rows, collate_rows
 from titan_llava.data.processing import ProcessedSample, expand_image_placeholders, truncation_point
 from titan_llava.data.sampler import SampleRef
 
@@ -21,13 +25,68 @@ def _sample(sid: str, ids: list[int], labels: list[int], n_images: int = 0) -> P
     )
 
 
-def test_greedy_rows() -> None:
-    # max 10: [4,5] | 6 does not fit -> [6,3] | [2,8] exactly full; the next 7 is not consumed.
-    assert greedy_rows(iter([4, 5, 6, 3, 2, 8, 7]), 3, 10) == ([2, 2, 2], 6)
-    # A row closed by an exact fit does not pull the next length.
-    assert greedy_rows(iter([10, 1]), 1, 10) == ([1], 1)
-    # The overflowing sample is left for the next call (consumed counts only placed samples).
-    assert greedy_rows(iter([3, 3, 5]), 1, 8) == ([2], 2)
+def _plan(lengths: list[int], rows: int, row_len: int, lookahead: int) -> tuple[list[list[int]], int]:
+    """(plan, how many samples the planner looked at: what the Packer pulls from upstream)."""
+    asked = [0]
+
+    def length_at(i: int) -> int:
+        asked[0] = max(asked[0], i + 1)
+        return lengths[i]
+
+    return best_fit_rows(length_at, rows, row_len, lookahead), asked[0]
+
+
+def test_lookahead_one_is_greedy_in_order() -> None:
+    # max 10: [4,5] | 6 does not fit -> [6,3] | [2,8] exactly full; the 7 after them is not pulled.
+    assert _plan([4, 5, 6, 3, 2, 8, 7], 3, 10, 1) == ([[0, 1], [2, 3], [4, 5]], 6)
+    # A row closed by an exact fit does not pull the next sample.
+    assert _plan([10, 1], 1, 10, 1) == ([[0]], 1)
+    # The sample that did not fit was looked at (it stays buffered for the next batch).
+    assert _plan([3, 3, 5, 1], 1, 8, 1) == ([[0, 1]], 3)
+
+
+def test_best_fit_takes_the_longest_that_fits() -> None:
+    # Row 1: 6, then of the window (5, 3, 4) the 4 fills it exactly.
+    # Row 2: the oldest left (5), then of (3, 2, 9) the 3; space 2: the 2 fits exactly, and the
+    # scan stops there (the 7 is never looked at).
+    assert _plan([6, 5, 3, 4, 2, 9, 7], 2, 10, 3) == ([[0, 3], [1, 2, 4]], 6)
+    # Ties go to the older sample; the window (3 unplaced samples after the placed ones) slides
+    # on, so the 1 at index 5 stays out of reach.
+    assert _plan([5, 2, 2, 9, 9, 1], 1, 8, 3) == ([[0, 1]], 5)
+    # A window of 2 misses the 1 that a window of 4 finds.
+    assert _plan([5, 9, 2, 9, 1, 9], 1, 8, 2) == ([[0, 2]], 4)
+    assert _plan([5, 9, 2, 9, 1, 9], 1, 8, 4) == ([[0, 2, 4]], 5)
+
+
+def test_oldest_sample_always_starts_a_row() -> None:
+    # A long sample is never starved by shorter later ones: the next row starts with it.
+    plan, _ = _plan([3, 8] + [3] * 10, 2, 10, 6)
+    assert plan == [[0, 2, 3], [1]]
+
+
+@pytest.mark.parametrize("lookahead", [1, 3, 8])
+def test_plans_are_valid_on_random_lengths(lookahead: int) -> None:
+    rng = random.Random(lookahead)
+    lengths = [rng.randint(1, 50) for _ in range(400)]
+    waiting = list(range(len(lengths)))  # the Packer's buffer: what a batch does not take stays
+    emitted: list[int] = []
+    for _ in range(20):
+        plan = best_fit_rows(lambda i: lengths[waiting[i]], 3, 50, lookahead)
+        placed: set[int] = set()
+        for row in plan:
+            assert sum(lengths[waiting[i]] for i in row) <= 50
+            # Each row starts with the oldest sample not yet placed.
+            assert row[0] == min(set(range(len(waiting))) - placed)
+            assert not placed & set(row)  # a sample goes into one row only
+            placed |= set(row)
+            # The row closed because none of the next `lookahead` waiting samples fits any more.
+            space = 50 - sum(lengths[waiting[i]] for i in row)
+            window = [i for i in range(len(waiting)) if i not in placed][:lookahead]
+            assert space == 0 or all(lengths[waiting[i]] > space for i in window)
+        emitted += [waiting[i] for row in plan for i in row]
+        waiting = [s for i, s in enumerate(waiting) if i not in placed]
+    assert len(set(emitted)) == len(emitted)
+    assert sorted(emitted + waiting) == list(range(len(lengths)))
 
 
 def test_collate_packed_rows() -> None:

@@ -43,6 +43,7 @@ def main() -> None:
     record = {
         "changed": changed,
         "requires_grad": {n: p.requires_grad for n, p in trainer.model.named_parameters()},
+        "dtypes": {n: str(p.dtype).removeprefix("torch.") for n, p in trainer.model.named_parameters()},
         "groups": groups,
         "n_state": len(state),
     }

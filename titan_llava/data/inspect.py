@@ -2,12 +2,18 @@
 
 python -m titan_llava.data.inspect --data-path P --image-folder F --tokenizer T --template vicuna_v1
     [--max-seq-len 4096] [--limit N] [--config X.toml] [--decode-images]
+    [--packing --packing-row-len R --packing-lookahead K --local-batch-size B]
 Image sizes come from file headers (fast); --decode-images fully decodes to also catch corrupt pixels.
+With packing (flag or the config's data.packing) it also estimates the packed rows of one epoch
+(the packer's own plan over the lengths in a seeded shuffled order), from which training.steps
+follows: steps = ceil(epochs x rows / training.global_batch_size).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import random
 import sys
 import time
 from collections import Counter
@@ -21,6 +27,7 @@ from titan_llava.data.conversation import tokenize_conversation
 from titan_llava.data.dataset import LlavaDataset
 from titan_llava.data.errors import BadSampleError
 from titan_llava.data.images import load_image, read_image_size
+from titan_llava.data.packing import simulate_packing
 from titan_llava.data.processing import _image_paths
 from titan_llava.data.tokenizer import Tokenizer
 
@@ -120,6 +127,35 @@ def format_report(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def packing_estimate(
+    lengths: Sequence[int], rows: int, row_len: int, lookahead: int, seed: int = 0
+) -> dict[str, float]:
+    """`simulate_packing` over `lengths` in a seeded shuffled order (training order is shuffled
+    too), for a single data-parallel rank, plus `epoch_rows`: the epoch's tokens over the simulated
+    tokens per row (the data stream wraps into the next epoch, so an epoch has no ragged end),
+    and `epoch_samples_per_row`."""
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    est = simulate_packing(order, rows, row_len, lookahead)
+    est["epoch_rows"] = math.ceil(sum(order) / (est["fill"] * row_len))
+    est["epoch_samples_per_row"] = len(order) / est["epoch_rows"]
+    return est
+
+
+def format_packing(est: dict[str, float], row_len: int, lookahead: int, global_batch_size: int | None) -> str:
+    line = (
+        f"packing (rows of {row_len} tokens, lookahead {lookahead}): ~{est['epoch_rows']:,} rows per epoch, "
+        f"{est['epoch_samples_per_row']:.2f} samples per row, {est['fill']:.1%} of row tokens used, "
+        f"{est['padding']:.1%} padding"
+    )
+    if global_batch_size and global_batch_size > 0:
+        line += (
+            f"\n  at training.global_batch_size {global_batch_size} rows: ~{math.ceil(est['epoch_rows'] / global_batch_size):,} "
+            f"steps per epoch (~{global_batch_size * est['epoch_samples_per_row']:.0f} samples per step)"
+        )
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m titan_llava.data.inspect", description=__doc__)
     parser.add_argument("--config", help="TOML config; its [data] and [model] tables give defaults")
@@ -133,14 +169,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patch-size", type=int, default=14)
     parser.add_argument("--limit", type=int, help="scan only the first N samples")
     parser.add_argument("--decode-images", action="store_true", help="fully decode every image")
+    parser.add_argument("--packing", action="store_true", help="estimate packed rows per epoch")
+    parser.add_argument("--packing-row-len", type=int, help="tokens per packed row (default max_seq_len)")
+    parser.add_argument("--packing-lookahead", type=int, help="packer look-ahead (default 8)")
+    parser.add_argument("--local-batch-size", type=int, help="rows per micro-batch (default 1)")
+    parser.add_argument("--global-batch-size", type=int, help="rows per optimizer step")
     args = parser.parse_args(argv)
 
     data: dict[str, Any] = {}
     model: dict[str, Any] = {}
+    training: dict[str, Any] = {}
     if args.config:
         with open(args.config, "rb") as fh:
             raw = tomllib.load(fh)
-        data, model = raw.get("data", {}), raw.get("model", {})
+        data, model, training = raw.get("data", {}), raw.get("model", {}), raw.get("training", {})
     settings = {
         "path": args.data_path or data.get("path"),
         "image_folder": args.image_folder or data.get("image_folder"),
@@ -170,6 +212,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         decode_images=args.decode_images,
     )
     print(format_report(stats))
+    if args.packing or data.get("packing"):
+        max_seq_len = int(settings["max_seq_len"])
+        row_len = args.packing_row_len or data.get("packing_row_len", -1)
+        row_len = max_seq_len if row_len == -1 else int(row_len)
+        lookahead = args.packing_lookahead or int(data.get("packing_lookahead", 8))
+        rows = args.local_batch_size or int(training.get("local_batch_size", 1))
+        if row_len < max_seq_len:
+            parser.error(f"--packing-row-len {row_len} is shorter than max_seq_len {max_seq_len}")
+        lengths = [min(n, max_seq_len) for n in stats["total"]]
+        est = packing_estimate(lengths, rows, row_len, lookahead)
+        gbs = args.global_batch_size or training.get("global_batch_size")
+        print(format_packing(est, row_len, lookahead, gbs))
     return 0
 
 

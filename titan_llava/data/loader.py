@@ -157,6 +157,8 @@ def build_data_loader(
     local_batch_size: int,
     *,
     packing: bool = False,
+    packing_row_len: int | None = None,
+    packing_lookahead: int = 8,
     shuffle: bool = True,
     seed: int = 0,
     group_by_modality_length: bool = False,
@@ -180,10 +182,17 @@ def build_data_loader(
     `global_batch_size` (samples per optimizer step over all ranks) sets the modality-grouping
     megabatch, as the reference does; default local_batch_size * dp_world_size. `num_workers` 0
     processes samples in the loader's thread; otherwise in threads (default) or processes.
-    `dataset` reuses an already built index of `path`.
+    `dataset` reuses an already built index of `path`. Packing: rows of up to `packing_row_len`
+    tokens (default max_seq_len; samples are truncated at max_seq_len either way) planned with a
+    best-fit look-ahead of `packing_lookahead` samples (see packing.best_fit_rows).
     """
     if max_seq_len <= 0 or local_batch_size <= 0:
         raise ValueError("data.max_seq_len and training.local_batch_size must be positive")
+    row_len = max_seq_len if packing_row_len is None else packing_row_len
+    if row_len < max_seq_len:
+        raise ValueError(f"data.packing_row_len ({row_len}) must be >= data.max_seq_len ({max_seq_len})")
+    if packing_lookahead < 1:
+        raise ValueError(f"data.packing_lookahead must be >= 1, got {packing_lookahead}")
     if num_workers < 0 or prefetch < 0:
         raise ValueError("data.num_workers and prefetch must be >= 0")
     if isinstance(tokenizer, str):
@@ -219,10 +228,11 @@ def build_data_loader(
         sampler,
         processor,
         batch_size=local_batch_size,
-        max_seq_len=max_seq_len,
+        row_len=row_len,
         pad_id=tokenizer.pad_id,
         packing=packing,
         strict=strict,
+        lookahead=packing_lookahead,
     )
     node = packer
     if prefetch > 0:
@@ -237,6 +247,9 @@ def build_data_loader(
         "global_batch_size": sampler.global_batch_size,
         "local_batch_size": local_batch_size,
         "packing": packing,
+        # Only packing reads it; None otherwise so the setting cannot block an unpacked resume.
+        "packing_lookahead": packing_lookahead if packing else None,
+        "packing_row_len": row_len if packing else None,
         "max_seq_len": max_seq_len,
     }
     return LlavaDataLoader(node, packer, dp_rank, dp_world_size, fingerprint)

@@ -1,4 +1,5 @@
-"""Rows and batches from processed samples: greedy packing (or one sample per row) + collation.
+"""Rows and batches from processed samples: best-fit packing with a bounded look-ahead (or one
+sample per row) + collation.
 
 The Packer node is the pipeline's stateful core: its state (sampler position after the last sample
 it consumed, the refs of samples it holds but has not emitted, and the counters) is small, holds no
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torchdata.nodes import BaseNode
@@ -71,37 +72,118 @@ def collate_rows(
     )
 
 
-def greedy_rows(
-    lengths: Iterator[int] | list[int], num_rows: int, max_seq_len: int
-) -> tuple[list[int], int]:
-    """Greedy packing of a length stream into `num_rows` rows of at most `max_seq_len` tokens.
+def best_fit_rows(
+    length_at: Callable[[int], int], num_rows: int, row_len: int, lookahead: int
+) -> list[list[int]]:
+    """Plan `num_rows` packed rows over a buffer of samples in arrival order; returns, per row, the
+    buffer indices it takes (in row order).
 
-    A sample that does not fit the current row starts the next one. Returns the number of samples
-    in each row and how many lengths were consumed; stops as soon as `num_rows` rows are closed.
+    Each row starts with the oldest sample not yet placed (so no sample waits for more than a
+    bounded number of rows), then, while space is left, takes the longest sample that fits among
+    the next `lookahead` samples not yet placed (ties: the older). `lookahead = 1` is plain greedy
+    packing in order: a row closes as soon as the next sample does not fit. `length_at(i)` may pull
+    samples from upstream; it is only asked for indices it needs.
     """
-    rows: list[int] = []
-    count, used, consumed = 0, 0, 0
-    for n in lengths:
-        assert 0 < n <= max_seq_len
-        if count and used + n > max_seq_len:
-            rows.append(count)
-            count, used = 0, 0
-            if len(rows) == num_rows:
-                return rows, consumed
-        count, used, consumed = count + 1, used + n, consumed + 1
-        if used == max_seq_len:
-            rows.append(count)
-            count, used = 0, 0
-            if len(rows) == num_rows:
-                return rows, consumed
-    raise AssertionError("the sample stream ended (it is infinite)")
+    assert num_rows >= 1 and lookahead >= 1
+    placed: set[int] = set()
+    rows: list[list[int]] = []
+    oldest = 0
+    for _ in range(num_rows):
+        while oldest in placed:
+            oldest += 1
+        first = length_at(oldest)
+        assert 0 < first <= row_len
+        row, space = [oldest], row_len - first
+        placed.add(oldest)
+        while space > 0:
+            best, best_len, seen, i = -1, 0, 0, oldest
+            while seen < lookahead:  # the next `lookahead` unplaced samples
+                if i not in placed:
+                    seen += 1
+                    n = length_at(i)
+                    if best_len < n <= space:
+                        best, best_len = i, n
+                        if n == space:
+                            break
+                i += 1
+            if best < 0:
+                break
+            row.append(best)
+            placed.add(best)
+            space -= best_len
+        rows.append(row)
+    return rows
+
+
+def simulate_packing(
+    lengths: list[int], rows: int, row_len: int, lookahead: int | None, fixed_width: bool = False
+) -> dict[str, float]:
+    """Run the Packer's plan over sample `lengths` in order (no data): micro-batches of `rows` rows
+    until fewer than a batch's worth of samples is left. lookahead None = no packing (one sample
+    per row). Rows are padded to the batch's longest row (or to `row_len` with fixed_width).
+
+    Returns batches, samples, rows, padding (share of padded slots), fill (sample tokens over the
+    rows x row_len budget), slots_per_sample, samples_per_row, peak_buffer (most samples held) and
+    max_delay (most batches a sample is emitted later than a straight order at the same rate)."""
+    buffer: list[int] = []  # sample indices held, in arrival order
+    pulled = slots = tokens = samples = n_rows = batches = peak = 0
+    max_delay = 0.0
+
+    def length_at(i: int) -> int:
+        nonlocal pulled
+        while len(buffer) <= i:
+            if pulled == len(lengths):
+                raise _Exhausted
+            buffer.append(pulled)
+            pulled += 1
+        return lengths[buffer[i]]
+
+    while True:
+        try:
+            if lookahead is None:
+                length_at(rows - 1)
+                plan = [[i] for i in range(rows)]
+            else:
+                plan = best_fit_rows(length_at, rows, row_len, lookahead)
+        except _Exhausted:
+            break
+        peak = max(peak, len(buffer))
+        row_lens = [sum(lengths[buffer[i]] for i in row) for row in plan]
+        slots += rows * (row_len if fixed_width else max(row_lens))
+        tokens += sum(row_lens)
+        taken = {i for row in plan for i in row}
+        emitted = [buffer[i] for i in taken]
+        samples += len(emitted)
+        n_rows += rows
+        batches += 1
+        per_batch = samples / batches
+        max_delay = max(max_delay, max((batches - 1) - s / per_batch for s in emitted))
+        buffer[:] = [s for i, s in enumerate(buffer) if i not in taken]
+    if not batches:
+        raise ValueError(f"{len(lengths)} samples do not fill one batch of {rows} rows")
+    return {
+        "batches": batches,
+        "samples": samples,
+        "rows": n_rows,
+        "padding": 1 - tokens / slots,
+        "fill": tokens / (n_rows * row_len),
+        "slots_per_sample": slots / samples,
+        "samples_per_row": samples / n_rows,
+        "peak_buffer": peak,
+        "max_delay": max_delay,
+    }
+
+
+class _Exhausted(Exception):
+    pass
 
 
 class Packer(BaseNode[Emitted]):
     """Turns the stream of processed/skipped samples into Batches, counting and logging skips.
 
-    packing=True: rows of exactly max_seq_len tokens (greedy, end padding). packing=False: one sample
-    per row, padded to the longest row of the batch. `reset(None)` restarts at `start_state`
+    packing=True: rows of up to `row_len` tokens planned by `best_fit_rows` over a look-ahead of
+    `lookahead` buffered samples (1 = greedy in order). packing=False: one sample per row. Either
+    way a batch is padded at the end to its longest row. `reset(None)` restarts at `start_state`
     (set by the loader on resume); `reset(state)` repositions the whole upstream chain.
     """
 
@@ -112,20 +194,22 @@ class Packer(BaseNode[Emitted]):
         rematerialize: Callable[[SampleRef], ProcessedSample | SkippedSample],
         *,
         batch_size: int,
-        max_seq_len: int,
+        row_len: int,
         pad_id: int,
         packing: bool,
         strict: bool,
+        lookahead: int = 1,
     ):
         super().__init__()
         self.source = source
         self.sampler = sampler
         self.rematerialize = rematerialize
         self.batch_size = batch_size
-        self.max_seq_len = max_seq_len
+        self.row_len = row_len
         self.pad_id = pad_id
         self.packing = packing
         self.strict = strict
+        self.lookahead = lookahead
         self.start_state: dict[str, Any] | None = None
         self._buffer: list[ProcessedSample] = []
         self._sampler_state: dict[str, int] = {}
@@ -179,36 +263,31 @@ class Packer(BaseNode[Emitted]):
             self.counters.update(item.events)
             return item
 
-    def _lengths(self) -> Iterator[int]:
-        """Lengths of the buffered samples, pulling more from upstream as the packer asks."""
-        i = 0
-        while True:
-            if i == len(self._buffer):
-                item = self._pull()
-                if isinstance(item, SkippedSample):
-                    raise _StrictStop(item)
-                self._buffer.append(item)
-            yield len(self._buffer[i])
-            i += 1
+    def _length_at(self, i: int) -> int:
+        """Length of buffered sample `i`, pulling from upstream until the buffer holds it."""
+        while len(self._buffer) <= i:
+            item = self._pull()
+            if isinstance(item, SkippedSample):
+                raise _StrictStop(item)
+            self._buffer.append(item)
+        return len(self._buffer[i])
 
     def next(self) -> Emitted:
         try:
             if self.packing:
-                row_counts, consumed = greedy_rows(self._lengths(), self.batch_size, self.max_seq_len)
+                plan = best_fit_rows(self._length_at, self.batch_size, self.row_len, self.lookahead)
             else:
-                lengths = self._lengths()
-                for _ in range(self.batch_size):
-                    next(lengths)
-                row_counts, consumed = [1] * self.batch_size, self.batch_size
+                plan = [[i] for i in range(self.batch_size)]
+                self._length_at(self.batch_size - 1)
         except _StrictStop as stop:
             item = stop.item
             return None, self.get_state(), (item.reason, item.detail, item.sample_id)
-        taken, self._buffer = self._buffer[:consumed], self._buffer[consumed:]
-        rows, start = [], 0
-        for count in row_counts:
-            rows.append(taken[start : start + count])
-            start += count
-        batch = collate_rows(rows, self.pad_id, self.max_seq_len if self.packing else None, self.packing)
+        rows = [[self._buffer[i] for i in row] for row in plan]
+        taken = {i for row in plan for i in row}
+        # What is left keeps its arrival order (the oldest starts the next row).
+        self._buffer = [s for i, s in enumerate(self._buffer) if i not in taken]
+        # Every batch is padded only to its longest row (packed rows are usually close to row_len).
+        batch = collate_rows(rows, self.pad_id, None, self.packing)
         self.counters["batches"] += 1
         return batch, self.get_state(), None
 

@@ -1,4 +1,5 @@
-"""Apply parallelism to LlavaNext from the outside, in a fixed order: freeze -> activation
+"""Apply parallelism to LlavaNext from the outside, in a fixed order: freeze (frozen parameters
+stored in their compute dtype) -> activation
 checkpointing -> per-block torch.compile -> FSDP2 per block -> FSDP2 on the remaining parts and
 the root. Every wrapper acts in place (class swap or instance attribute), so parameter names and
 state_dict keys never change.
@@ -137,10 +138,24 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtyp
     shard(model)
 
 
+def store_frozen_params(model: nn.Module, dtype: torch.dtype) -> int:
+    """Re-create every frozen parameter (requires_grad False) of `model` in `dtype`, in place and
+    before sharding (on meta this allocates nothing). Returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not param.requires_grad and param.dtype != dtype:
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+                changed += 1
+    return changed
+
+
 def parallelize_llava(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Module:
     """Freeze, checkpoint, compile and shard `model` (a LlavaNext, typically on the meta device)
     in place per `cfg` (JobConfig); returns it. mesh None = no FSDP (single process, fp32)."""
     set_trainable(model, cfg.training.trainable)  # before sharding: frozen params get no grads
+    if mesh is not None:  # without FSDP everything computes in fp32: keep the frozen parts there
+        store_frozen_params(model, _DTYPES[cfg.frozen_dtype()])
     ac = cfg.activation_checkpoint
     towers = {"llm": model.language_model.layers, "vision": model.vision_tower.layers}
     for blocks in towers.values():
