@@ -197,8 +197,11 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
                 for n in document_lengths(mb.input_ids, trainer.tokenizer.pad_id, mb.document_ids)
             ]
             tiles = sum(0 if mb.pixel_values is None else mb.pixel_values.shape[0] for mb in mbs)
+            head = sum(int(mb.loss_index.shape[0]) for mb in mbs)
             full_flops.append(
-                step_flops(full_args, lengths, tiles, trainer.cfg.training.trainable).total
+                step_flops(
+                    full_args, lengths, tiles, trainer.cfg.training.trainable, head_tokens=head
+                ).total
             )
         return c
 

@@ -6,7 +6,8 @@
 # PLAN=round2: packed rows on torch's varlen kernel vs the dense mask, no packing, selective AC
 # (stage 1 only, STEPS=6 measured steps; runs benchmarks/varlen_parity.py first).
 # PLAN=round3: bf16 storage of the frozen parts, one long packed row per micro-batch (no padding;
-# benchmarks/packing_efficiency.py), stage-1 AC policies on it, stage 2 (8 layers) packed vs not.
+# benchmarks/packing_efficiency.py), stage 1 without AC at 8192 tokens (fits once the frozen LLM is
+# bf16?) and with selective AC at 16384, stage 2 (8 layers, compiled) packed vs not.
 set -uo pipefail
 OUT=${OUT:-./bench_out}
 BUDGET_S=${BUDGET_S:-390}
@@ -60,7 +61,7 @@ round3)  # frozen bf16 storage; 1 x 16384-token packed rows; AC policies; stage 
   run s1_nopack_frozen32 45 $S1 --local-batch-size 4 --no-packing --training.frozen_param_dtype float32
   run s1_nopack 45 $S1 --local-batch-size 4 --no-packing
   run s1_pack16k 50 $S1 $P1
-  run s1_pack16k_sac2 50 $S1 $P1 --ac selective --activation_checkpoint.selective_ac_option 2
+  run s1_pack8k_noac 45 $S1 --local-batch-size 1 --data.packing_row_len 8192 --ac none
   run s1_pack16k_sacop 50 $S1 $P1 --ac selective
   run s2_nopack 120 $S2 --local-batch-size 2 --no-packing
   run s2_pack8k 120 $S2 --local-batch-size 1 --data.packing_row_len 8192

@@ -21,6 +21,7 @@ from titan_llava.flops import (
     step_flops,
     vision_flops,
 )
+from titan_llava.loss import loss_positions
 from titan_llava.metrics import MetricsLogger
 from titan_llava.models.args import LLAVA_FLAVORS, CLIPVisionArgs, VicunaArgs
 from titan_llava.models.llava import LlavaNext
@@ -37,6 +38,8 @@ def test_llm_hand_count():
     assert llm_flops(a, docs, trainable=True, needs_input_grad=True) == 3 * 6240 + 3 * 288
     assert llm_flops(a, docs, False, False, causal_halved=False) == 6240 + 416
     assert llm_flops(a, [], True, True) == 0.0
+    # The head on 2 positions only (the trainer's logits at loss positions): 2*(5*544 + 2*80).
+    assert llm_flops(a, docs, False, False, head_tokens=2) == 5760 + 288
 
 
 def test_vision_and_projector_hand_count():
@@ -68,10 +71,11 @@ def _measured(args, trainable, sizes, text_len=5):
                   for s in sizes)
     pixels = torch.randn(n_tiles, 3, 336, 336) if sizes else None
     image_sizes = torch.tensor(sizes) if sizes else None
+    index, targets = loss_positions(labels)  # the trainer's path: logits at loss positions only
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        logits = model(ids, pixels, image_sizes)
-        torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:]).backward()
-    return counter.get_total_flops(), ids.shape[1], n_tiles
+        logits = model(ids, pixels, image_sizes, output_index=index)
+        torch.nn.functional.cross_entropy(logits.float(), targets).backward()
+    return counter.get_total_flops(), ids.shape[1], n_tiles, index.numel()
 
 
 @pytest.mark.parametrize("trainable, sizes, aspect", [
@@ -90,12 +94,13 @@ def test_matches_flop_counter(trainable, sizes, aspect):
         set_trainable(model, trainable)
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(torch.tensor([[1, 5, 6, 7]]))
-        measured, seq, n_tiles = counter.get_total_flops(), 4, 0
+        measured, seq, n_tiles, head = counter.get_total_flops(), 4, 0, None
     else:
-        measured, seq, n_tiles = _measured(args, trainable, sizes)
-    model_flops = step_flops(args, [seq], n_tiles, trainable, causal_halved=False)
+        measured, seq, n_tiles, head = _measured(args, trainable, sizes)
+        assert 0 < head < seq  # the head ran on fewer positions than the row has
+    model_flops = step_flops(args, [seq], n_tiles, trainable, causal_halved=False, head_tokens=head)
     assert model_flops.total == measured
-    halved = step_flops(args, [seq], n_tiles, trainable)
+    halved = step_flops(args, [seq], n_tiles, trainable, head_tokens=head)
     assert halved.llm < model_flops.llm and halved.vision == model_flops.vision
 
 

@@ -1,15 +1,16 @@
 """Loss: token CE vs transformers' ForCausalLMLoss, step normalisation over micro-batches and
-(simulated) DP ranks, and the chunked variant vs the plain one (values and gradients)."""
+(simulated) DP ranks, and logits at the loss positions only vs all logits (values and gradients)."""
 
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from titan_llava.constants import IGNORE_INDEX
 from titan_llava.loss import (
-    chunked_cross_entropy_sum,
     count_valid_tokens,
     cross_entropy_sum,
+    cross_entropy_sum_at,
     global_valid_tokens,
+    loss_positions,
     normalize_loss,
 )
 
@@ -119,28 +120,40 @@ def test_logged_loss_is_the_step_loss():
     torch.testing.assert_close(logged, ref.double(), rtol=1e-6, atol=1e-6)
 
 
-def _chunked_vs_plain(b, s, chunk_size, docs=None, p_ignore=0.4, dtype=torch.float32):
+def _at_positions_vs_plain(b, s, docs=None, p_ignore=0.4, dtype=torch.float32):
+    """Logits at loss_positions only (what the trainer computes) vs all logits + cross_entropy_sum:
+    same sum, count and gradients."""
     h = torch.randn(b, s, D, dtype=dtype, requires_grad=True)
     w = torch.randn(V, D, dtype=dtype, requires_grad=True)
     labels = _labels(b, s, p_ignore)
     s1, n1 = cross_entropy_sum(h @ w.t(), labels, docs)
     g1 = torch.autograd.grad(s1, (h, w))
-    s2, n2 = chunked_cross_entropy_sum(h, w, labels, docs, chunk_size=chunk_size)
+    index, targets = loss_positions(labels, docs)
+    if docs is None:  # the selected positions are exactly those whose next label is learned
+        next_labels = torch.cat([labels[:, 1:], torch.full((b, 1), IGNORE_INDEX)], dim=1).flatten()
+        assert torch.equal(next_labels[index], targets)
+        assert (next_labels[index] != IGNORE_INDEX).all() and index.numel() == (next_labels != IGNORE_INDEX).sum()
+    s2, n2 = cross_entropy_sum_at(h.flatten(0, 1).index_select(0, index) @ w.t(), targets)
     g2 = torch.autograd.grad(s2, (h, w))
-    assert n1.item() == n2.item()
+    assert n1.item() == n2.item() == index.numel()
     torch.testing.assert_close(s2, s1, rtol=1e-6, atol=1e-5)
     for a, b_ in zip(g2, g1):
         torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6)
     return s2
 
 
-def test_chunked_equals_plain():
-    _chunked_vs_plain(2, 33, chunk_size=7)  # several chunks, last one partial
-    _chunked_vs_plain(3, 10, chunk_size=1000)  # one chunk
+def test_logits_at_loss_positions_equal_plain():
+    _at_positions_vs_plain(2, 33)
+    _at_positions_vs_plain(3, 10, p_ignore=0.9)
+    # Packed: targets across a document boundary are not learned, so those positions are skipped.
     docs = torch.tensor([[0] * 5 + [1] * 6 + [2] * 4])
-    _chunked_vs_plain(1, 15, chunk_size=4, docs=docs)
+    _at_positions_vs_plain(1, 15, docs=docs, p_ignore=0.0)
+    labels = torch.arange(1, 16)[None]
+    index, targets = loss_positions(labels, docs)
+    assert index.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 11, 12, 13]
+    assert targets.tolist() == [2, 3, 4, 5, 7, 8, 9, 10, 11, 13, 14, 15]
 
 
-def test_chunked_with_nothing_to_learn():
-    s = _chunked_vs_plain(2, 9, chunk_size=4, p_ignore=1.1)
+def test_logits_at_loss_positions_with_nothing_to_learn():
+    s = _at_positions_vs_plain(2, 9, p_ignore=1.1)
     assert s.item() == 0.0

@@ -59,14 +59,17 @@ def llm_flops(
     trainable: bool,
     needs_input_grad: bool,
     causal_halved: bool = True,
+    head_tokens: int | None = None,
 ) -> float:
-    """LLM FLOPs over documents of the given lengths (tokens incl. image tokens)."""
+    """LLM FLOPs over documents of the given lengths (tokens incl. image tokens). `head_tokens`:
+    positions the output head runs on (the trainer: only those with a target); None = all."""
     tokens = sum(doc_lengths)
     if tokens == 0:
         return 0.0
     block_params, head_params = llm_matmul_params(a)
     backward = trainable or needs_input_grad
-    weights = 2 * tokens * (a.n_layers * block_params + head_params) * _mult(trainable, needs_input_grad)
+    head = tokens if head_tokens is None else head_tokens
+    weights = 2 * (tokens * a.n_layers * block_params + head * head_params) * _mult(trainable, needs_input_grad)
     if causal_halved:
         pairs = sum(n * (n + 1) // 2 for n in doc_lengths)
     else:
@@ -121,11 +124,13 @@ def step_flops(
     num_tiles: int,
     trainable: Sequence[str],
     causal_halved: bool = True,
+    head_tokens: int | None = None,
 ) -> StepFlops:
     """FLOPs of forward + backward over one rank's step (all its micro-batches).
 
     doc_lengths: length of every real document (sample) in tokens incl. image tokens, padding
-    excluded; num_tiles: vision tiles of the step. trainable: parts that train ("llm", "vision",
+    excluded; num_tiles: vision tiles of the step; head_tokens: positions the LLM head runs on
+    (None = every document token). trainable: parts that train ("llm", "vision",
     "projector"). A frozen LLM still backpropagates (2x its weight FLOPs + attention backward) when
     a trainable part feeds its image features; stage 1 (projector only) thus costs the vision
     tower 1x, the projector ~3x, the LLM 2x weights + 3x attention."""
@@ -136,7 +141,7 @@ def step_flops(
     # blocks and the embedding), or when image features from a trainable part enter it.
     llm_input_grad = llm_t or (num_tiles > 0 and (vis_t or proj_t))
     return StepFlops(
-        llm=llm_flops(args.llm, doc_lengths, llm_t, llm_input_grad, causal_halved),
+        llm=llm_flops(args.llm, doc_lengths, llm_t, llm_input_grad, causal_halved, head_tokens),
         vision=vision_flops(args.vision, num_tiles, vis_t),
         projector=projector_flops(
             args.vision.dim, args.llm.dim, args.vision.num_patches, num_tiles, proj_t, vis_t

@@ -1,6 +1,8 @@
-"""Next-token cross-entropy (HF shift: logits[:, :-1] predict labels[:, 1:]), its normalisation over
-an optimizer step ("global_tokens" or HF Trainer's "per_microbatch"), and a memory-lean chunked
-variant that never materialises the full fp32 logits.
+"""Next-token cross-entropy (HF shift: logits[:, :-1] predict labels[:, 1:]) and its normalisation
+over an optimizer step ("global_tokens" or HF Trainer's "per_microbatch"). The trainer computes
+logits only at the positions that have a target (`loss_positions`, `cross_entropy_sum_at`): in
+LLaVA data most positions are image or prompt tokens, so the LLM head and the fp32 logits never
+cover them.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from titan_llava.constants import IGNORE_INDEX
 
@@ -52,39 +53,24 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
-def _chunk_ce_sum(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor) -> Tensor:
-    logits_NV = _upcast(h_ND @ weight_VD.t())
-    return F.cross_entropy(logits_NV, targets_N, reduction="sum")
-
-
-def chunked_cross_entropy_sum(
-    h_BSD: Tensor,
-    weight_VD: Tensor,
-    labels_BS: Tensor,
-    document_ids: Tensor | None = None,
-    chunk_size: int = 2048,
-) -> tuple[Tensor, Tensor]:
-    """Same result as cross_entropy_sum(h_BSD @ weight_VD.T, labels) from the final-norm hidden
-    states and the output-projection weight, without the [B, S, V] fp32 logits.
-
-    Only positions with a valid target are projected (image and prompt tokens never reach the
-    vocabulary matmul), `chunk_size` tokens at a time; each chunk is checkpointed so its logits are
-    recomputed in backward rather than kept. Returns (fp32 sum, number of valid targets)."""
+def loss_positions(labels_BS: Tensor, document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(flat indices into the [B * S] positions whose logits the loss needs, their targets): the
+    positions with a valid shifted target, row-major. Computed where the labels live (the data
+    pipeline, on CPU), so the number of positions is known without a device sync."""
     targets_BS1 = shift_labels(labels_BS, document_ids)
-    valid_BS1 = targets_BS1 != IGNORE_INDEX
-    # Boolean indexing syncs with the host once per micro-batch; the savings dwarf it.
-    h_ND = h_BSD[:, :-1][valid_BS1]
-    targets_N = targets_BS1[valid_BS1]
-    total = h_BSD.new_zeros((), dtype=_upcast(h_BSD[:0]).dtype)
-    if h_ND.shape[0] == 0:
-        # Keep the graph connected so backward works on a micro-batch with nothing to learn.
-        return total + 0.0 * h_BSD.sum() + 0.0 * weight_VD.sum(), valid_BS1.sum()
-    for start in range(0, h_ND.shape[0], chunk_size):
-        stop = start + chunk_size
-        total = total + checkpoint(
-            _chunk_ce_sum, h_ND[start:stop], weight_VD, targets_N[start:stop], use_reentrant=False
-        )
-    return total, valid_BS1.sum()
+    b, s = labels_BS.shape
+    valid_BS = torch.zeros((b, s), dtype=torch.bool, device=labels_BS.device)
+    valid_BS[:, :-1] = targets_BS1 != IGNORE_INDEX
+    index_N = valid_BS.flatten().nonzero().squeeze(1)
+    return index_N, targets_BS1[valid_BS[:, :-1]]
+
+
+def cross_entropy_sum_at(logits_NV: Tensor, targets_N: Tensor) -> tuple[Tensor, Tensor]:
+    """cross_entropy_sum for logits computed only at `loss_positions` (the LLM head ran on those
+    positions alone, so neither the head matmul nor fp32 logits cover image or prompt tokens):
+    (fp32 sum of token CEs, number of targets)."""
+    loss_sum = F.cross_entropy(_upcast(logits_NV), targets_N, reduction="sum")
+    return loss_sum, torch.tensor(targets_N.shape[0], dtype=torch.int64, device=targets_N.device)
 
 
 def global_valid_tokens(

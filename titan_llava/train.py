@@ -5,6 +5,7 @@ point of `python -m titan_llava.train` and of `run_train.sh` (torchrun).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -40,7 +41,12 @@ from titan_llava.distributed.utils import (
     setup_logging,
 )
 from titan_llava.flops import document_lengths, peak_flops, step_flops
-from titan_llava.loss import cross_entropy_sum, global_valid_tokens, normalize_loss
+from titan_llava.loss import (
+    cross_entropy_sum_at,
+    global_valid_tokens,
+    loss_positions,
+    normalize_loss,
+)
 from titan_llava.metrics import MetricsLogger, device_memory_gib
 from titan_llava.models.args import llava_args_to_dict
 from titan_llava.models.llava import LlavaNext
@@ -59,6 +65,22 @@ def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     for name, p in model.named_parameters():
         counts[part_of(name)]["trainable" if p.requires_grad else "frozen"] += p.numel()
     return counts
+
+
+def with_loss_positions(batch: Batch) -> Batch:
+    """The batch with loss_index / loss_targets (the data pipeline sets them; batches built by
+    other code may not)."""
+    if batch.loss_index is not None:
+        return batch
+    index, targets = loss_positions(batch.labels, batch.document_ids)
+    return dataclasses.replace(batch, loss_index=index, loss_targets=targets)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on `device` (asynchronous from pinned memory), except `image_sizes`, which the
+    model reads as Python numbers (AnyRes geometry) and so stays on the host."""
+    moved = batch.to(device, non_blocking=True)
+    return dataclasses.replace(moved, image_sizes=batch.image_sizes)
 
 
 class Trainer:
@@ -188,8 +210,11 @@ class Trainer:
     # ----- the step -----
     def _next_microbatches(self) -> tuple[list[Batch], float]:
         t0 = time.perf_counter()
-        batches = [next(self._data_iter) for _ in range(self.grad_accum)]
-        return [b.to(self.device, non_blocking=True) for b in batches], time.perf_counter() - t0
+        batches = [with_loss_positions(next(self._data_iter)) for _ in range(self.grad_accum)]
+        wait = time.perf_counter() - t0
+        # Counted on the host copies, so the step never waits on the device for its statistics.
+        self._counts = self._step_counts(batches)
+        return [to_device(b, self.device) for b in batches], wait
 
     def forward_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token CEs, valid targets) of one micro-batch."""
@@ -203,8 +228,9 @@ class Trainer:
             positions=mb.positions,
             document_ids=mb.document_ids,
             vision_keepalive=keepalive,
+            output_index=mb.loss_index,  # logits only where a target is: [N, V]
         )
-        return cross_entropy_sum(logits, mb.labels, mb.document_ids)
+        return cross_entropy_sum_at(logits, mb.loss_targets)
 
     def train_step(self, microbatches: list[Batch]) -> tuple[float, float]:
         """Forward/backward every micro-batch, clip, check, step. Returns (loss, grad_norm)."""
@@ -261,7 +287,8 @@ class Trainer:
         return loss_f, norm_f
 
     def _step_counts(self, microbatches: list[Batch]) -> dict[str, float]:
-        """Per-rank token/sample/FLOP counts of a step (summed over ranks when logged)."""
+        """Per-rank token/sample/FLOP counts of a step (summed over ranks when logged), from the
+        host copies of its micro-batches."""
         pad_id = self.tokenizer.pad_id
         lengths: list[int] = []
         tiles = image_tokens = tokens = samples = 0
@@ -271,7 +298,10 @@ class Trainer:
             image_tokens += mb.num_image_positions
             samples += sum(len(ids) for ids in mb.sample_ids)
         tokens = sum(lengths)
-        flops = step_flops(self.model_args, lengths, tiles, self.cfg.training.trainable).total
+        head_tokens = sum(int(mb.loss_index.shape[0]) for mb in microbatches)
+        flops = step_flops(
+            self.model_args, lengths, tiles, self.cfg.training.trainable, head_tokens=head_tokens
+        ).total
         return {
             "tokens": tokens,
             "image_tokens": image_tokens,
@@ -302,7 +332,7 @@ class Trainer:
             if self.manifest is not None:
                 ids = [i for mb in microbatches for row in mb.sample_ids for i in row]
                 self.manifest.write(self.step, ids)
-            counts = self._step_counts(microbatches)
+            counts = self._counts
             self.checkpointer.add_tokens(counts["tokens"])
             for k, v in counts.items():
                 window[k] += v

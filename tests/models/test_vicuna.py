@@ -65,6 +65,20 @@ def test_logits_match_llama_with_positions() -> None:
     assert (got - default).abs().max().item() > 1e-3  # positions really reach RoPE
 
 
+def test_logits_at_selected_positions_match_llama() -> None:
+    """output_index (the trainer's loss positions) gives transformers' logits at those positions."""
+    args = VicunaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, hidden_dim=172, max_seq_len=256)
+    ours, hf = _pair(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 30))
+    index = torch.tensor([0, 7, 29, 30, 45, 59])  # flat positions, both rows
+    with torch.no_grad():
+        ref = hf(input_ids=tokens).logits.flatten(0, 1)[index]
+        got = ours(tokens, output_index=index)
+        none = ours(tokens, output_index=index[:0])
+    assert got.shape == (6, args.vocab_size) and none.shape == (0, args.vocab_size)
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
 def test_forward_argument_errors() -> None:
     ours = Vicuna(VicunaArgs(dim=32, n_layers=1, n_heads=2, vocab_size=16, hidden_dim=32))
     with pytest.raises(ValueError, match="exactly one"):

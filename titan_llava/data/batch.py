@@ -27,6 +27,10 @@ class Batch:
         placeholder order (row 0 first, left to right), each image's tiles as AnyRes emits them.
     image_sizes: [N, 2] int64 or None; ORIGINAL (width, height) of each image, same order.
     sample_ids: per row, the ids of the samples it holds (in order).
+    loss_index / loss_targets: [N] int64 or None; the flat positions (into B * S, row-major) that
+        have a valid next-token target and those targets (`titan_llava.loss.loss_positions`), so
+        the model computes logits only there. Derived from labels (+ document_ids) by the data
+        pipeline; None = not computed (the trainer then derives them itself).
     """
 
     input_ids: torch.Tensor
@@ -36,6 +40,8 @@ class Batch:
     pixel_values: torch.Tensor | None
     image_sizes: torch.Tensor | None
     sample_ids: list[list[str]]
+    loss_index: torch.Tensor | None = None
+    loss_targets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         assert self.input_ids.dim() == 2 and self.input_ids.dtype == torch.long
@@ -45,6 +51,9 @@ class Batch:
             assert self.document_ids.shape == self.input_ids.shape
         assert (self.pixel_values is None) == (self.image_sizes is None)
         assert len(self.sample_ids) == self.input_ids.shape[0]
+        assert (self.loss_index is None) == (self.loss_targets is None)
+        if self.loss_index is not None:
+            assert self.loss_index.dim() == 1 and self.loss_index.shape == self.loss_targets.shape
 
     @property
     def num_images(self) -> int:

@@ -19,6 +19,7 @@ from titan_llava.constants import IGNORE_INDEX
 from titan_llava.data.batch import Batch
 from titan_llava.data.processing import ProcessedSample, SkippedSample
 from titan_llava.data.sampler import DistributedSampleSampler, SampleRef
+from titan_llava.loss import loss_positions
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def collate_rows(
             else:
                 # Right padding continues the positions, as an unpacked (HF-style) row would.
                 positions[r, offset:] = torch.arange(offset, width)
+    loss_index, loss_targets = loss_positions(labels, document_ids)
     return Batch(
         input_ids=input_ids,
         labels=labels,
@@ -69,6 +71,8 @@ def collate_rows(
         pixel_values=torch.cat(tiles) if tiles else None,
         image_sizes=torch.tensor(sizes, dtype=torch.long) if sizes else None,
         sample_ids=[[s.sample_id for s in row] for row in rows],
+        loss_index=loss_index,
+        loss_targets=loss_targets,
     )
 
 

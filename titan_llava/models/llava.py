@@ -17,6 +17,17 @@ from titan_llava.models.projector import Projector
 from titan_llava.models.vicuna import Vicuna
 
 
+def _check(condition: Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the boolean scalar tensor `condition` holds. On an
+    accelerator the check is asynchronous (no host sync in the forward; a failure surfaces as a
+    device-side assertion at the next synchronisation)."""
+    if condition.device.type == "cpu":
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
 class LlavaNext(nn.Module):
     def __init__(self, args: LlavaNextArgs) -> None:
         super().__init__()
@@ -37,7 +48,7 @@ class LlavaNext(nn.Module):
 
     def _sizes(self, image_sizes: Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         if isinstance(image_sizes, Tensor):
-            image_sizes = image_sizes.tolist()  # one host sync: the packing geometry is Python
+            image_sizes = image_sizes.tolist()  # the geometry is Python (keep image_sizes on CPU: no sync)
         return [(int(w), int(h)) for w, h in image_sizes]
 
     def _tiles_per_image(self, sizes: list[tuple[int, int]]) -> list[int]:
@@ -103,22 +114,26 @@ class LlavaNext(nn.Module):
         positions: Tensor | None = None,
         document_ids: Tensor | None = None,
         vision_keepalive: bool = False,
+        output_index: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, S, V]. Placeholders are already expanded: image j holds exactly
         num_image_tokens(image_sizes[j]) consecutive IMAGE_TOKEN_INDEX positions, in row-major order.
 
-        vision_keepalive: `pixel_values` holds stand-in tiles for a micro-batch without images; the
+        output_index: flat indices into the B * S positions: logits [N, V] at those only (see
+        Vicuna.forward). vision_keepalive: `pixel_values` holds stand-in tiles for a micro-batch without images; the
         vision tower and projector still run (so a sharded run issues the same collectives on every
         rank, whatever the modality of each rank's micro-batch) but contribute exactly zero.
         """
         if vision_keepalive:
             assert image_sizes is None, "vision_keepalive takes stand-in tiles, not images"
-            assert not bool((input_ids == IMAGE_TOKEN_INDEX).any()), "keepalive batch has images"
+            _check((input_ids != IMAGE_TOKEN_INDEX).all(), "a vision_keepalive batch has image positions")
             h_BSD = self.language_model.tok_embeddings(input_ids)
             unused_TPD = self.projector(self.vision_tower(pixel_values))
             # A zero-weighted term keeps the tower in the autograd graph (gradients exactly 0).
             h_BSD = h_BSD + 0.0 * unused_TPD.sum().to(h_BSD.dtype) * self.image_newline[0].to(h_BSD.dtype)
-            return self.language_model(h_BSD=h_BSD, positions=positions, document_ids=document_ids)
+            return self.language_model(
+                h_BSD=h_BSD, positions=positions, document_ids=document_ids, output_index=output_index
+            )
         image_mask_BS = input_ids == IMAGE_TOKEN_INDEX
         # Placeholders get a valid id for the lookup; their embeddings are overwritten below.
         tokens_BS = torch.where(image_mask_BS, torch.zeros_like(input_ids), input_ids)
@@ -131,12 +146,14 @@ class LlavaNext(nn.Module):
             n_features = features_ND.shape[0]
         else:
             features_ND, n_features = None, 0
-        n_placeholders = int(image_mask_BS.sum().item())
-        assert n_features == n_placeholders, (
-            f"number of image features ({n_features}) != number of IMAGE_TOKEN_INDEX positions "
-            f"({n_placeholders}) in input_ids (image_sizes {image_sizes!r})"
+        _check(
+            image_mask_BS.sum() == n_features,
+            f"the number of IMAGE_TOKEN_INDEX positions in input_ids is not the {n_features} image "
+            f"features that image_sizes {image_sizes!r} give",
         )
         if features_ND is not None:
             # masked_scatter fills the masked positions in row-major order: image after image.
             h_BSD = h_BSD.masked_scatter(image_mask_BS[..., None], features_ND)
-        return self.language_model(h_BSD=h_BSD, positions=positions, document_ids=document_ids)
+        return self.language_model(
+            h_BSD=h_BSD, positions=positions, document_ids=document_ids, output_index=output_index
+        )

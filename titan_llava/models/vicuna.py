@@ -143,8 +143,11 @@ class Vicuna(nn.Module):
         h_BSD: Tensor | None = None,
         positions: Tensor | None = None,
         document_ids: Tensor | None = None,
+        output_index: Tensor | None = None,
     ) -> Tensor:
-        """Logits [B, S, V] from token ids [B, S] or input embeddings `h_BSD` (exactly one).
+        """Logits [B, S, V] from token ids [B, S] or input embeddings `h_BSD` (exactly one); with
+        `output_index` (flat indices into the B * S positions) logits [N, V] at those positions
+        only: the final norm and the head run on nothing else.
 
         positions: RoPE position per token (default arange; packed rows restart at 0 per document);
         document_ids: packed-row document index per token (attention stays within a document).
@@ -169,4 +172,7 @@ class Vicuna(nn.Module):
         )
         for layer in self.layers.values():
             h_BSD = layer(h_BSD, cos_BSD, sin_BSD, mask)
+        if output_index is not None:
+            h_ND = h_BSD.flatten(0, 1).index_select(0, output_index)
+            return self.output(self.norm(h_ND))
         return self.output(self.norm(h_BSD))
