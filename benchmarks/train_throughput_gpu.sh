@@ -5,9 +5,10 @@
 # BUDGET_S seconds are skipped. Dry run on CPU: FLAVOR=debug EXTRA='--steps 1 --warmup 1'.   OUT=results_dir BUDGET_S=400 benchmarks/train_throughput_gpu.sh
 # PLAN=round2: packed rows on torch's varlen kernel vs the dense mask, no packing, selective AC
 # (stage 1 only, STEPS=6 measured steps; runs benchmarks/varlen_parity.py first).
-# PLAN=round3: bf16 storage of the frozen parts, one long packed row per micro-batch (no padding;
-# benchmarks/packing_efficiency.py), stage 1 without AC at 8192 tokens (fits once the frozen LLM is
-# bf16?) and with selective AC at 16384, stage 2 (8 layers, compiled) packed vs not.
+# PLAN=round3: stage 1 with bf16 storage of the frozen parts, one long packed row per micro-batch
+# (no padding; benchmarks/packing_efficiency.py), without AC at 8192 tokens and, compiled, at 16384
+# (benchmarks/activation_memory.py: 32 / 46 GiB of activations), selective AC at 16384.
+# PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not.
 set -uo pipefail
 OUT=${OUT:-./bench_out}
 BUDGET_S=${BUDGET_S:-390}
@@ -54,15 +55,18 @@ round2)  # packed rows on torch's varlen kernel vs the dense mask; stage 1 AC po
   run s1_pack_varlen_sac 40 $S1 --ac selective
   run s1_pack_varlen_noac 35 $S1 --ac none
   ;;
-round3)  # frozen bf16 storage; 1 x 16384-token packed rows; AC policies; stage 2 packed vs not
+round3)  # stage 1: frozen bf16 storage; 1 x 16384-token packed rows; AC none (+ compile)
   S1="--stage 1 --steps ${STEPS:-6}"
   P1="--local-batch-size 1 --data.packing_row_len 16384"
-  S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile"
   run s1_nopack_frozen32 45 $S1 --local-batch-size 4 --no-packing --training.frozen_param_dtype float32
   run s1_nopack 45 $S1 --local-batch-size 4 --no-packing
   run s1_pack16k 50 $S1 $P1
   run s1_pack8k_noac 45 $S1 --local-batch-size 1 --data.packing_row_len 8192 --ac none
+  run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
   run s1_pack16k_sacop 50 $S1 $P1 --ac selective
+  ;;
+round3s2)  # stage 2 at 8 layers, compiled: packed 1 x 8192 vs unpacked 2 rows
+  S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile"
   run s2_nopack 120 $S2 --local-batch-size 2 --no-packing
   run s2_pack8k 120 $S2 --local-batch-size 1 --data.packing_row_len 8192
   ;;
