@@ -244,6 +244,13 @@ def test_packing_settings_are_part_of_the_resume_fingerprint() -> None:
         make_loader(packing=True, packing_lookahead=1).load_state_dict(state)
     with pytest.raises(ValueError, match="packing_row_len: saved 400, now 800"):
         make_loader(packing=True, packing_lookahead=4, packing_row_len=800).load_state_dict(state)
+    # A state saved before the look-ahead existed (greedy, max_seq_len rows) resumes as lookahead 1.
+    legacy = json.loads(state["dp_rank_0"])
+    del legacy["fingerprint"]["packing_lookahead"], legacy["fingerprint"]["packing_row_len"]
+    legacy_state = {**state, "dp_rank_0": json.dumps(legacy).encode()}
+    make_loader(packing=True, packing_lookahead=1).load_state_dict(legacy_state)
+    with pytest.raises(ValueError, match="packing_lookahead: saved 1, now 4"):
+        make_loader(packing=True, packing_lookahead=4).load_state_dict(legacy_state)
     with pytest.raises(ValueError, match="packing_row_len .300. must be >= data.max_seq_len .400."):
         make_loader(packing=True, packing_row_len=300)
     with pytest.raises(ValueError, match="packing_lookahead must be >= 1"):

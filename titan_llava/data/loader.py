@@ -103,6 +103,9 @@ class LlavaDataLoader:
         raw = state_dict[self._rank_key]
         state = json.loads(bytes(raw).decode() if not isinstance(raw, str) else raw)
         saved = state.pop("fingerprint", {})
+        if saved.get("packing") and "packing_lookahead" not in saved:
+            # Saved before these settings existed: that packer was greedy in max_seq_len rows.
+            saved = {**saved, "packing_lookahead": 1, "packing_row_len": saved.get("max_seq_len")}
         changed = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
