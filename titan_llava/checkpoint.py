@@ -115,7 +115,8 @@ class CheckpointManager:
 
     Use: `maybe_resume()` before iterating the data loader (returns the restored step or 0),
     `add_tokens(n)` every step, `maybe_save(step, force=...)` after every step,
-    `preemption_requested()` at every step boundary, `finish()` at the end, `close()` always."""
+    `sigterm_received` (reduced over ranks by the trainer) at every step, `finish()` at the end,
+    `close()` always."""
 
     def __init__(
         self,
@@ -152,12 +153,11 @@ class CheckpointManager:
 
         signal.signal(signal.SIGTERM, handler)
 
-    def preemption_requested(self) -> bool:
-        """Whether ANY rank got SIGTERM (collective, every step: all ranks stop together)."""
-        flag = torch.tensor([1.0 if self._sigterm else 0.0], device=self.device)
-        if _dist():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+    @property
+    def sigterm_received(self) -> bool:
+        """This rank got SIGTERM. Local: the trainer reduces it over ranks with the step's loss, so
+        that every rank stops after the same step."""
+        return self._sigterm
 
     def add_tokens(self, local_tokens: int) -> None:
         self._pending_tokens += int(local_tokens)

@@ -151,6 +151,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.total_steps)
         self.step = 0
+        self._preempt = False  # set by train_step: some rank got SIGTERM
         self.metrics = MetricsLogger(
             cfg.job.dump_folder,
             self.total_steps,
@@ -266,12 +267,16 @@ class Trainer:
         )
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        # One host sync per step: both numbers are needed for the finiteness check anyway.
-        loss_value = loss_total.clone()
+        # The step's one host sync and one small all-reduce: the loss (for the finiteness check and
+        # the log) and whether any rank got SIGTERM (every rank then stops after this step).
+        stop = torch.full((), 1.0 if self.checkpointer.sigterm_received else 0.0, device=self.device)
+        reduced = torch.stack([loss_total, stop])
         if dist.is_initialized():
-            dist.all_reduce(loss_value)
-            loss_value /= self.world_size
-        loss_f, norm_f = float(loss_value), float(grad_norm)
+            dist.all_reduce(reduced)
+            reduced[0] /= self.world_size
+        norm = grad_norm.to(device=reduced.device, dtype=torch.float32)
+        loss_f, stop_f, norm_f = torch.stack([reduced[0], reduced[1], norm]).tolist()
+        self._preempt = stop_f > 0
         if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
             # Every rank sees the same reduced numbers, so every rank stops here together.
             self.optimizer.zero_grad(set_to_none=True)
@@ -359,7 +364,7 @@ class Trainer:
                 )
                 window = dict.fromkeys(window, 0.0)
                 steps_in_window, t_window = 0, time.perf_counter()
-            preempted = self.checkpointer.preemption_requested()
+            preempted = self._preempt  # all ranks agree: reduced in train_step
             self.checkpointer.maybe_save(
                 self.step, force=preempted or self.step == self.total_steps
             )
