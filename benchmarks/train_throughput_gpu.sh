@@ -8,7 +8,8 @@
 # PLAN=round3: stage 1 with bf16 storage of the frozen parts, one long packed row per micro-batch
 # (no padding; benchmarks/packing_efficiency.py), without AC at 8192 tokens and, compiled, at 16384
 # (benchmarks/activation_memory.py: 32 / 46 GiB of activations), selective AC at 16384.
-# PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not.
+# PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
+# (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
 OUT=${OUT:-./bench_out}
 BUDGET_S=${BUDGET_S:-390}
@@ -64,6 +65,11 @@ round3)  # stage 1: frozen bf16 storage; 1 x 16384-token packed rows; AC none (+
   run s1_pack8k_noac 45 $S1 --local-batch-size 1 --data.packing_row_len 8192 --ac none
   run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
   run s1_pack16k_sacop 50 $S1 $P1 --ac selective
+  ;;
+round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
+  S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"
+  run s2_full_pack8k 240 $S2 --local-batch-size 1 --data.packing_row_len 8192
+  run s2_full_nopack 240 $S2 --local-batch-size 2 --no-packing
   ;;
 round3s2)  # stage 2 at 8 layers, compiled: packed 1 x 8192 vs unpacked 2 rows
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile"
