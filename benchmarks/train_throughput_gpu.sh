@@ -58,6 +58,12 @@ round2)  # packed rows on torch's varlen kernel vs the dense mask; stage 1 AC po
   ;;
 round3)  # stage 1: frozen bf16 storage; 1 x 16384-token packed rows; AC none (+ compile)
   S1="--stage 1 --steps ${STEPS:-6}"
+  if [[ ${FLAVOR:-} != debug ]]; then  # varlen route, eager and compiled (compile + varlen is new)
+    echo "== varlen_parity" | tee -a "$OUT/summary.txt"
+    timeout -k 5 90 python benchmarks/varlen_parity.py >"$OUT/varlen_parity.log" 2>&1
+    echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
+    grep -E "route|diff|attention fwd|PARITY" "$OUT/varlen_parity.log" | tee -a "$OUT/summary.txt"
+  fi
   P1="--local-batch-size 1 --data.packing_row_len 16384"
   run s1_nopack_frozen32 45 $S1 --local-batch-size 4 --no-packing --training.frozen_param_dtype float32
   run s1_nopack 45 $S1 --local-batch-size 4 --no-packing
