@@ -129,3 +129,29 @@ def test_trained_checkpoint_passes_the_gate(hf_start, tmp_path, capsys):
 def test_missing_run_config_is_a_clear_error(tmp_path, capsys):
     assert _export(str(tmp_path), str(tmp_path / "out")) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_stage1_checkpoint_with_bf16_frozen_parts_exports(hf_start, tmp_path):
+    """Stage 1 in bf16 stores the frozen LLM and CLIP in bf16 (frozen_param_dtype auto): the
+    export passes the gate and writes them as the bf16-rounded start weights; the trained
+    projector stays fp32."""
+    dump = str(tmp_path / "run")
+    run_train(dump, [
+        "--training.steps", "2", "--checkpoint.enable", "true", "--checkpoint.interval", "2",
+        "--training.trainable", "projector", "--data.template", "plain",
+        "--data.path", "tests/assets/sample_data/pretrain.json", "--optimizer.lr", "1e-3",
+        "--training.mixed_precision_param", "bfloat16", *hf_init(hf_start),
+    ])  # fmt: skip
+    out = str(tmp_path / "out")
+    assert _export(os.path.join(dump, "checkpoint", "step-2"), out) == 0  # with the parity gate
+    exp, start = _tensors(out), SafetensorsCheckpoint(hf_start)
+    start_t = {_llava_hf_name(k): start.get(k) for k in start.keys()}
+    for key in (
+        "language_model.model.layers.0.mlp.down_proj.weight",
+        "language_model.lm_head.weight",
+        "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+    ):
+        assert torch.equal(exp[key], start_t[key].to(torch.bfloat16).float()), key
+        assert not torch.equal(exp[key], start_t[key]), key  # really went through bf16
+    assert not torch.equal(exp["multi_modal_projector.linear_1.weight"],
+                           start_t["multi_modal_projector.linear_1.weight"])
