@@ -5,7 +5,6 @@ point of `python -m titan_llava.train` and of `run_train.sh` (torchrun).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -41,12 +40,7 @@ from titan_llava.distributed.utils import (
     setup_logging,
 )
 from titan_llava.flops import document_lengths, peak_flops, step_flops
-from titan_llava.loss import (
-    cross_entropy_sum_at,
-    global_valid_tokens,
-    loss_positions,
-    normalize_loss,
-)
+from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
 from titan_llava.metrics import MetricsLogger, device_memory_gib
 from titan_llava.models.args import llava_args_to_dict
 from titan_llava.models.llava import LlavaNext
@@ -65,22 +59,6 @@ def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     for name, p in model.named_parameters():
         counts[part_of(name)]["trainable" if p.requires_grad else "frozen"] += p.numel()
     return counts
-
-
-def with_loss_positions(batch: Batch) -> Batch:
-    """The batch with loss_index / loss_targets (the data pipeline sets them; batches built by
-    other code may not)."""
-    if batch.loss_index is not None:
-        return batch
-    index, targets = loss_positions(batch.labels, batch.document_ids)
-    return dataclasses.replace(batch, loss_index=index, loss_targets=targets)
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """The batch on `device` (asynchronous from pinned memory), except `image_sizes`, which the
-    model reads as Python numbers (AnyRes geometry) and so stays on the host."""
-    moved = batch.to(device, non_blocking=True)
-    return dataclasses.replace(moved, image_sizes=batch.image_sizes)
 
 
 class Trainer:
@@ -211,11 +189,11 @@ class Trainer:
     # ----- the step -----
     def _next_microbatches(self) -> tuple[list[Batch], float]:
         t0 = time.perf_counter()
-        batches = [with_loss_positions(next(self._data_iter)) for _ in range(self.grad_accum)]
+        batches = [next(self._data_iter).with_loss_positions() for _ in range(self.grad_accum)]
         wait = time.perf_counter() - t0
         # Counted on the host copies, so the step never waits on the device for its statistics.
         self._counts = self._step_counts(batches)
-        return [to_device(b, self.device) for b in batches], wait
+        return [b.to(self.device, non_blocking=True, sizes_on_host=True) for b in batches], wait
 
     def forward_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token CEs, valid targets) of one micro-batch."""

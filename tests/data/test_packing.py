@@ -3,6 +3,7 @@ order; hand-written expectations."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -135,3 +136,12 @@ def test_batch_to_and_pin() -> None:
     moved = batch.to("cpu")
     assert torch.equal(moved.input_ids, batch.input_ids) and moved.sample_ids == [["a"]]
     assert batch.num_images == 1 and batch.num_image_positions == 1 and batch.num_label_tokens == 0
+    assert batch.to("cpu", sizes_on_host=True).image_sizes is batch.image_sizes
+    # collate_rows sets the loss positions; a batch built without them gets the same ones.
+    assert batch.loss_index.tolist() == [] and batch.with_loss_positions() is batch
+    bare = dataclasses.replace(batch, labels=torch.tensor([[5, IGN]]), loss_index=None, loss_targets=None)
+    filled = bare.with_loss_positions()
+    assert filled.loss_index.tolist() == [] and filled.loss_targets.tolist() == []
+    bare = dataclasses.replace(bare, labels=torch.tensor([[5, 7]]))
+    assert bare.with_loss_positions().loss_index.tolist() == [0]
+    assert bare.with_loss_positions().loss_targets.tolist() == [7]

@@ -6,11 +6,12 @@ IMAGE_TOKEN_INDEX, so the model only scatters projected features into those posi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from titan_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from titan_llava.loss import loss_positions
 
 
 @dataclass
@@ -75,8 +76,21 @@ class Batch:
             kwargs[f.name] = fn(value) if isinstance(value, torch.Tensor) else value
         return Batch(**kwargs)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+    def to(
+        self, device: torch.device | str, non_blocking: bool = False, sizes_on_host: bool = False
+    ) -> "Batch":
+        """The batch on `device`. sizes_on_host: leave `image_sizes` where it is (the model reads
+        them as Python numbers, so a device copy would only cost a sync to read back)."""
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        return replace(moved, image_sizes=self.image_sizes) if sizes_on_host else moved
+
+    def with_loss_positions(self) -> "Batch":
+        """This batch with loss_index / loss_targets (the data pipeline sets them; a batch built
+        elsewhere may not have them). Call on the host copy."""
+        if self.loss_index is not None:
+            return self
+        index, targets = loss_positions(self.labels, self.document_ids)
+        return replace(self, loss_index=index, loss_targets=targets)
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda t: t.pin_memory())

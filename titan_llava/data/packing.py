@@ -202,7 +202,7 @@ class Packer(BaseNode[Emitted]):
         pad_id: int,
         packing: bool,
         strict: bool,
-        lookahead: int = 1,
+        lookahead: int,
     ):
         super().__init__()
         self.source = source
