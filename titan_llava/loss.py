@@ -70,7 +70,8 @@ def cross_entropy_sum_at(logits_NV: Tensor, targets_N: Tensor) -> tuple[Tensor, 
     positions alone, so neither the head matmul nor fp32 logits cover image or prompt tokens):
     (fp32 sum of token CEs, number of targets)."""
     loss_sum = F.cross_entropy(_upcast(logits_NV), targets_N, reduction="sum")
-    return loss_sum, torch.tensor(targets_N.shape[0], dtype=torch.int64, device=targets_N.device)
+    # A fill on the device, not a host-to-device copy (which would wait for the stream).
+    return loss_sum, torch.full((), targets_N.shape[0], dtype=torch.int64, device=targets_N.device)
 
 
 def global_valid_tokens(
