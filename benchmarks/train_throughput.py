@@ -6,11 +6,14 @@ reference's per-GPU rate. Run: python benchmarks/train_throughput.py --stage 1 [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from dataclasses import asdict, replace
 
 import torch
@@ -57,6 +60,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="--no-torch-varlen: packed rows on CUDA use sdpa's dense mask (the pre-varlen baseline)",
+    )
+    p.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="CUDA: count the host syncs of the measured steps and where they happen "
+        "(torch.cuda.set_sync_debug_mode; slows those steps, so timings of this run are not figures)",
     )
     p.add_argument("--num-workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
     p.add_argument("--samples", type=int, default=None, help="synthetic samples to write")
@@ -175,6 +184,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             if cuda:
                 torch.cuda.synchronize()  # between steps: the window starts on an idle device
             marks.active, clock["start"] = True, time.perf_counter()
+            if cuda and a.sync_debug:
+                torch.cuda.set_sync_debug_mode("warn")
         mbs, wait = orig_next()
         if marks.active:
             waits.append(wait)
@@ -213,10 +224,24 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     trainer._next_microbatches, trainer.train_step = next_microbatches, train_step
     trainer._step_counts, trainer.metrics.log = step_counts, log
     try:
-        trainer.train()
+        sync_debug = cuda and a.sync_debug
+        # With --sync-debug every warning of the run is recorded (and only the sync ones shown).
+        with warnings.catch_warnings(record=True) if sync_debug else contextlib.nullcontext([]) as caught:
+            if sync_debug:
+                warnings.simplefilter("always")
+            trainer.train()
         if cuda:
+            torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - clock["start"]
+        if sync_debug:
+            sites = Counter(
+                f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+            )
+            print(f"host syncs in the {a.steps} measured steps: {sum(sites.values())} "
+                  f"(incl. the last step's metrics log)")
+            for site, k in sites.most_common():
+                print(f"  {k:4d}  {site}")
     finally:
         trainer.close()
         trainer.data_loader.close()

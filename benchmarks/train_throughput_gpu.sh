@@ -29,7 +29,7 @@ run() {  # name limit_s args...
   echo "== $name (limit ${limit}s): $B $*" | tee -a "$OUT/summary.txt"
   timeout -k 10 "$limit" $B "$@" ${EXTRA:-} >"$OUT/$name.log" 2>&1
   echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP)" \
+  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP|host syncs|  +[0-9]+  )" \
     "$OUT/$name.log" | tee -a "$OUT/summary.txt"
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | tee -a "$OUT/summary.txt"
 }
@@ -71,6 +71,7 @@ round3)  # stage 1: frozen bf16 storage; 1 x 16384-token packed rows; AC none (+
   run s1_pack8k_noac 45 $S1 --local-batch-size 1 --data.packing_row_len 8192 --ac none
   run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
   run s1_pack16k_sacop 50 $S1 $P1 --ac selective
+  run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
   S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"
