@@ -12,12 +12,14 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections import Counter
 from dataclasses import asdict, replace
 
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runnable as a plain script from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -225,19 +227,21 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     trainer._step_counts, trainer.metrics.log = step_counts, log
     try:
         sync_debug = cuda and a.sync_debug
-        # With --sync-debug every warning of the run is recorded (and only the sync ones shown).
-        with warnings.catch_warnings(record=True) if sync_debug else contextlib.nullcontext([]) as caught:
+        sites: Counter = Counter()
+        # With --sync-debug each sync warning is attributed, at the moment it is raised, to the
+        # innermost frame of this repository (and the library line that synchronised).
+        with warnings.catch_warnings() if sync_debug else contextlib.nullcontext():
             if sync_debug:
                 warnings.simplefilter("always")
+                warnings.showwarning = lambda message, *rest, **kw: (
+                    sites.update([_sync_site()]) if "synchroniz" in str(message) else None
+                )
             trainer.train()
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - clock["start"]
         if sync_debug:
-            sites = Counter(
-                f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
-            )
             print(f"host syncs in the {a.steps} measured steps: {sum(sites.values())} "
                   f"(incl. the last step's metrics log)")
             for site, k in sites.most_common():
@@ -363,6 +367,25 @@ def report(r: dict) -> str:
             f"{est / r['reference_samples_per_s']:.2f}x reference (estimate, not measured)"
         )
     return "\n".join(lines)
+
+
+def _sync_site() -> str:
+    """'repo_file:line <- library_file:line' of the current stack (called from showwarning)."""
+    stack = traceback.extract_stack()[:-2]  # drop this function and the showwarning lambda
+    inner = next(
+        (f for f in reversed(stack) if "warnings.py" not in f.filename), stack[-1]
+    )
+    repo = next(
+        (f for f in reversed(stack) if f.filename.startswith(REPO) and "site-packages" not in f.filename), None
+    )
+
+    def where(f: traceback.FrameSummary) -> str:
+        name = os.path.relpath(f.filename, REPO) if f.filename.startswith(REPO) else f.filename
+        return f"{name.split('site-packages/')[-1]}:{f.lineno}"
+
+    if repo is None or repo is inner:
+        return where(inner)
+    return f"{where(repo)} <- {where(inner)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@
 # PLAN=round3: stage 1 with bf16 storage of the frozen parts, one long packed row per micro-batch
 # (no padding; benchmarks/packing_efficiency.py), without AC at 8192 tokens and, compiled, at 16384
 # (benchmarks/activation_memory.py: 32 / 46 GiB of activations), selective AC at 16384.
+# PLAN=round4: round 3's lost runs after the compile and device-assert fixes.
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -72,6 +73,26 @@ round3)  # stage 1: frozen bf16 storage; 1 x 16384-token packed rows; AC none (+
   run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
   run s1_pack16k_sacop 50 $S1 $P1 --ac selective
   run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
+  ;;
+round4)  # after the compile fix (fullgraph, static gqa, a compile cache per block class) and the
+  # device-assert message fix that stopped round 3's 16384-token rows: the runs round 3 lost
+  S1="--stage 1 --steps ${STEPS:-6}"
+  S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile"
+  P1="--local-batch-size 1 --data.packing_row_len 16384"
+  if [[ ${FLAVOR:-} != debug ]]; then
+    echo "== varlen_parity" | tee -a "$OUT/summary.txt"
+    timeout -k 5 90 python benchmarks/varlen_parity.py >"$OUT/varlen_parity.log" 2>&1
+    echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
+    grep -E "route|diff|attention fwd|PARITY|Error" "$OUT/varlen_parity.log" | tee -a "$OUT/summary.txt"
+  fi
+  run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
+  run s2_nopack 90 $S2 --local-batch-size 2 --no-packing
+  run s2_pack8k 90 $S2 --local-batch-size 1 --data.packing_row_len 8192
+  run s1_pack16k 45 $S1 $P1
+  run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
+  run s1_pack16k_sacop 45 $S1 $P1 --ac selective
+  run s2_pack8k_sacop 90 $S2 --local-batch-size 1 --data.packing_row_len 8192 --ac selective
+  run s1_nopack_compile 90 $S1 --local-batch-size 4 --no-packing --compile
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
   S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"

@@ -87,3 +87,85 @@ def test_compile_blocks_in_place_matches_eager():
     grads = dict(eager.named_parameters())
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_vision_and_llm_blocks_trace_whole_and_match_eager():
+    """Per-block compile + full AC on both towers: every block traces as ONE graph (fullgraph; a
+    break inside the checkpointed forward once left whole blocks eager without a word), vision
+    and LLM blocks keep separate compile caches, and the result matches eager for images of
+    several tile counts and a text-only (stand-in tile) batch."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    from titan_llava.constants import IMAGE_TOKEN_INDEX
+    from titan_llava.data.anyres import num_image_tokens, num_tiles
+
+    args = copy.deepcopy(LLAVA_FLAVORS["debug"])
+    torch.manual_seed(0)
+    eager = LlavaNext(args)
+    model = copy.deepcopy(eager)
+    cfg = load_config(["--compile.enable", "--compile.components", "llm,vision",
+                       "--activation_checkpoint.mode", "full",
+                       "--training.trainable", "projector,llm,vision"])
+    parallelize_llava(model, None, cfg)
+    pin, tile = args.grid_pinpoints, args.vision.image_size
+    counters.clear()
+    for (w, h), text in [((336, 336), 5), ((640, 480), 9), ((500, 375), 3), ((1000, 300), 7)]:
+        n_img, tiles = num_image_tokens((w, h), pin), num_tiles((w, h), pin)
+        ids = torch.tensor([[1] * text + [IMAGE_TOKEN_INDEX] * n_img + [2]])
+        pixels = torch.randn(tiles, 3, tile, tile)
+        sizes = torch.tensor([[w, h]])
+        out, ref = model(ids, pixels, sizes), eager(ids, pixels, sizes)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        out.float().pow(2).mean().backward()
+        ref.float().pow(2).mean().backward()
+    ids = torch.randint(1, 500, (2, 11))
+    stand_in = torch.zeros(1, 3, tile, tile)
+    out = model(ids, stand_in, vision_keepalive=True)
+    ref = eager(ids, stand_in, vision_keepalive=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    vision_cls = type(model.vision_tower.layers["0"])
+    llm_cls = type(model.language_model.layers["0"])
+    assert vision_cls.forward.__code__ is not llm_cls.forward.__code__
+    for cls in (vision_cls, llm_cls):
+        entries = _debug_get_cache_entry_list(cls.forward.__code__)
+        # Compiled (at least one entry), and few recompiles for 5 shapes (dynamic shapes).
+        assert 1 <= len(entries) <= 3, (cls.__name__, len(entries))
+    grads = dict(eager.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_stage1_compile_with_full_ac_leaves_the_frozen_tower_unchecked():
+    """Stage 1 (projector trains): the frozen vision tower runs without autograd, so it gets no
+    checkpointing (inductor refuses checkpoint regions in an inference graph); the frozen LLM
+    keeps it (the projector's gradient flows back through it). Compiled == eager."""
+    from titan_llava.constants import IMAGE_TOKEN_INDEX
+    from titan_llava.data.anyres import num_image_tokens, num_tiles
+    from titan_llava.distributed.parallelize import _CheckpointedBlock
+
+    args = copy.deepcopy(LLAVA_FLAVORS["debug"])
+    torch.manual_seed(0)
+    eager = LlavaNext(args)
+    model = copy.deepcopy(eager)
+    cfg = load_config(["--compile.enable", "--compile.components", "llm,vision",
+                       "--activation_checkpoint.mode", "full", "--training.trainable", "projector"])
+    parallelize_llava(model, None, cfg)
+    eager.requires_grad_(False)
+    eager.projector.requires_grad_(True)
+    assert not any(isinstance(b, _CheckpointedBlock) for b in model.vision_tower.layers.values())
+    assert all(isinstance(b, _CheckpointedBlock) for b in model.language_model.layers.values())
+    w, h = 640, 480
+    n_img = num_image_tokens((w, h), args.grid_pinpoints)
+    ids = torch.tensor([[1, 7] + [IMAGE_TOKEN_INDEX] * n_img + [2]])
+    pixels = torch.randn(num_tiles((w, h), args.grid_pinpoints), 3, 336, 336)
+    out = model(ids, pixels, torch.tensor([[w, h]]))
+    ref = eager(ids, pixels, torch.tensor([[w, h]]))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.float().pow(2).mean().backward()
+    ref.float().pow(2).mean().backward()
+    for (n, p), (_, q) in zip(model.projector.named_parameters(), eager.projector.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)

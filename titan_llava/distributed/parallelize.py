@@ -8,6 +8,7 @@ state_dict keys never change.
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from collections import defaultdict
 
@@ -81,6 +82,14 @@ class _CheckpointedBlock:
 _CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 
+def _own_code(fn, owner: str):
+    """A copy of `fn` with a code object of its own. Dynamo keeps compiled graphs, and counts
+    recompiles against its limit, per code object: vision and LLM blocks sharing one checkpointing
+    forward would share one cache (and one recompile budget)."""
+    code = fn.__code__.replace(co_qualname=f"{owner}.forward")
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def checkpoint_block(block: nn.Module, op_policy: bool = False) -> None:
     """Turn on activation checkpointing for `block` in place (full, or selective per-op)."""
     if isinstance(block, _CheckpointedBlock):
@@ -89,8 +98,11 @@ def checkpoint_block(block: nn.Module, op_policy: bool = False) -> None:
     # One swapped class per block class: compiled graphs guard on the type, so a class per
     # instance would recompile for every block (and hit dynamo's recompile limit).
     if cls not in _CHECKPOINTED_CLASSES:
+        name = f"Checkpointed{cls.__name__}"
         _CHECKPOINTED_CLASSES[cls] = type(
-            f"Checkpointed{cls.__name__}", (_CheckpointedBlock, cls), {"_ac_inner_forward": cls.forward}
+            name,
+            (_CheckpointedBlock, cls),
+            {"_ac_inner_forward": cls.forward, "forward": _own_code(_CheckpointedBlock.forward, name)},
         )
     block.__class__ = _CHECKPOINTED_CLASSES[cls]
     block._ac_op_policy = op_policy
@@ -112,8 +124,10 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, option: str
 def compile_block(block: nn.Module) -> None:
     """Compile the block's forward in place (instance attribute: the module, its class and its
     parameter names are untouched, and FSDP's hooks stay outside the compiled region). Dynamic
-    shapes so varying sequence lengths and tile counts reuse one graph; identical blocks share it."""
-    block.forward = torch.compile(block.forward, dynamic=True)
+    shapes so varying sequence lengths and tile counts reuse one graph; identical blocks share it.
+    fullgraph: a graph break inside the checkpointed forward would leave the whole block eager
+    (silently); here it is an error."""
+    block.forward = torch.compile(block.forward, dynamic=True, fullgraph=True)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
@@ -158,7 +172,12 @@ def parallelize_llava(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Modu
         store_frozen_params(model, _DTYPES[cfg.frozen_dtype()])
     ac = cfg.activation_checkpoint
     towers = {"llm": model.language_model.layers, "vision": model.vision_tower.layers}
-    for blocks in towers.values():
+    for name, blocks in towers.items():
+        # A frozen vision tower runs without autograd (nothing before it trains): checkpointing
+        # would save nothing, and inductor refuses checkpoint regions in an inference graph.
+        # The LLM always sits before the loss of whatever trains, so it keeps the policy.
+        if name == "vision" and not any(p.requires_grad for p in model.vision_tower.parameters()):
+            continue
         apply_activation_checkpointing(blocks, ac.mode, ac.selective_ac_option)
     if cfg.compile.enable:
         for name in cfg.compile.components:

@@ -147,13 +147,22 @@ def _torch_varlen_causal(
 
 
 def causal_attention(
-    q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor, mask: AttentionMask, backend: str
+    q_BSHD: Tensor,
+    k_BSHD: Tensor,
+    v_BSHD: Tensor,
+    mask: AttentionMask,
+    backend: str,
+    gqa: bool | None = None,
 ) -> Tensor:
     """Causal (optionally document-confined) attention; k/v may have fewer heads (GQA).
 
-    Returns [B, S, H, D] with the default 1/sqrt(D) scale.
+    Returns [B, S, H, D] with the default 1/sqrt(D) scale. `gqa` (k/v have fewer heads than q)
+    should come from the model's configuration: under dynamic-shape compile, comparing the head
+    dimensions gives a SymBool that SDPA's enable_gqa refuses (a graph break that leaves a whole
+    checkpointed block uncompiled). None compares the shapes (eager use).
     """
-    gqa = k_BSHD.shape[2] != q_BSHD.shape[2]
+    if gqa is None:
+        gqa = k_BSHD.shape[2] != q_BSHD.shape[2]
     if backend == "sdpa":
         if isinstance(mask, VarlenInfo):
             return _torch_varlen_causal(q_BSHD, k_BSHD, v_BSHD, mask, gqa)

@@ -4,7 +4,7 @@ newline column) -> scatter into the text embeddings at IMAGE_TOKEN_INDEX positio
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,15 +17,16 @@ from titan_llava.models.projector import Projector
 from titan_llava.models.vicuna import Vicuna
 
 
-def _check(condition: Tensor, message: str) -> None:
-    """Raise ValueError(message) unless the boolean scalar tensor `condition` holds. On an
-    accelerator the check is asynchronous (no host sync in the forward; a failure surfaces as a
-    device-side assertion at the next synchronisation)."""
+def _check(condition: Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
+    """Raise ValueError(message + detail()) unless the boolean scalar tensor `condition` holds. On
+    an accelerator the check is asynchronous (no host sync in the forward; a failure surfaces as a
+    device-side assertion with `message` alone at the next synchronisation; the device assertion
+    takes at most 254 characters, so `detail` (built only on failure) is left out there)."""
     if condition.device.type == "cpu":
         if not bool(condition):
-            raise ValueError(message)
+            raise ValueError(message + (f" ({detail()})" if detail is not None else ""))
     else:
-        torch._assert_async(condition, message)
+        torch._assert_async(condition, message[:250])
 
 
 class LlavaNext(nn.Module):
@@ -149,7 +150,8 @@ class LlavaNext(nn.Module):
         _check(
             image_mask_BS.sum() == n_features,
             f"the number of IMAGE_TOKEN_INDEX positions in input_ids is not the {n_features} image "
-            f"features that image_sizes {image_sizes!r} give",
+            "features that image_sizes give",
+            lambda: f"image_sizes {image_sizes!r}",
         )
         if features_ND is not None:
             # masked_scatter fills the masked positions in row-major order: image after image.

@@ -58,6 +58,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.attn_backend = attn_backend
+        self.gqa = args.kv_heads != args.n_heads  # a Python bool (static under compile)
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
@@ -69,7 +70,7 @@ class Attention(nn.Module):
         k = self.wk(x_BSD).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BSD).view(b, s, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos_BSD, sin_BSD), apply_rope(k, cos_BSD, sin_BSD)
-        out_BSHD = causal_attention(q, k, v, mask, self.attn_backend)
+        out_BSHD = causal_attention(q, k, v, mask, self.attn_backend, gqa=self.gqa)
         return self.wo(out_BSHD.reshape(b, s, -1))
 
 
