@@ -189,7 +189,13 @@ class Trainer:
     # ----- the step -----
     def _next_microbatches(self) -> tuple[list[Batch], float]:
         t0 = time.perf_counter()
-        batches = [next(self._data_iter).with_loss_positions() for _ in range(self.grad_accum)]
+        pin = self.device.type == "cuda"
+        batches = [
+            # Loss positions and packed rows' document boundaries built on the host, where they
+            # cost no device sync (the model would otherwise build them in every forward).
+            next(self._data_iter).with_loss_positions().with_document_bounds(pin=pin)
+            for _ in range(self.grad_accum)
+        ]
         wait = time.perf_counter() - t0
         # Counted on the host copies, so the step never waits on the device for its statistics.
         self._counts = self._step_counts(batches)
@@ -198,6 +204,10 @@ class Trainer:
     def forward_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token CEs, valid targets) of one micro-batch."""
         pixel_values, image_sizes, keepalive = mb.pixel_values, mb.image_sizes, False
+        if image_sizes is not None:
+            # Python numbers: FSDP2's root module moves tensor arguments to the device, and the
+            # model reads the sizes back on the host (a copy and a sync per forward).
+            image_sizes = image_sizes.tolist()
         if pixel_values is None:
             pixel_values, keepalive = self._dummy_tile, True
         logits = self.model(
@@ -208,6 +218,7 @@ class Trainer:
             document_ids=mb.document_ids,
             vision_keepalive=keepalive,
             output_index=mb.loss_index,  # logits only where a target is: [N, V]
+            document_bounds=mb.document_bounds,  # varlen kernels' boundaries (host-built)
         )
         return cross_entropy_sum_at(logits, mb.loss_targets)
 

@@ -145,3 +145,21 @@ def test_batch_to_and_pin() -> None:
     bare = dataclasses.replace(bare, labels=torch.tensor([[5, 7]]))
     assert bare.with_loss_positions().loss_index.tolist() == [0]
     assert bare.with_loss_positions().loss_targets.tolist() == [7]
+
+
+def test_document_bounds_built_on_the_host_and_moved_with_the_batch() -> None:
+    a = _sample("a", [1, 2, 3], [IGN, 2, 3])
+    b = _sample("b", [4, 5], [IGN, 5])
+    c = _sample("c", [6, 7, 8, 9], [IGN, 7, 8, 9])
+    batch = collate_rows([[a, b], [c]], pad_id=PAD, seq_len=6, packed=True)
+    # Row 0: documents of 3 and 2 tokens + 1 padding token; row 1: 4 tokens + 2 padding.
+    bounded = batch.with_document_bounds()
+    assert bounded.document_bounds.cu_seqlens.tolist() == [0, 3, 5, 6, 10, 12]
+    assert bounded.document_bounds.max_seqlen == 4
+    assert bounded.with_document_bounds() is bounded
+    moved = bounded.to("cpu")
+    assert torch.equal(moved.document_bounds.cu_seqlens, bounded.document_bounds.cu_seqlens)
+    assert moved.document_bounds.max_seqlen == 4
+    # Unpacked batches have no document boundaries to build.
+    flat = collate_rows([[a], [b]], pad_id=PAD, seq_len=None, packed=False)
+    assert flat.with_document_bounds() is flat and flat.document_bounds is None

@@ -36,7 +36,7 @@ def test_route_only_on_cuda_half_precision() -> None:
 def test_varlen_boundaries_split_documents_and_rows() -> None:
     # Row 0: docs of 2 and 3 tokens + 1 pad (id 7); row 1 starts with the same id as row 0's end.
     ids = torch.tensor([[0, 0, 1, 1, 1, 7], [7, 7, 7, 2, 2, 2]])
-    info = attention._varlen_info(ids, 6)
+    info = attention.varlen_info(ids, 6)
     assert info.cu_seqlens.dtype == torch.int32
     assert info.cu_seqlens.tolist() == [0, 2, 5, 6, 9, 12]
     assert info.max_seqlen == 3
@@ -74,3 +74,29 @@ def test_routed_forward_matches_dense_mask(monkeypatch) -> None:
         leaky = model(tokens, positions=positions, document_ids=merged)
     assert (routed - dense).abs().max().item() <= 1e-5
     assert (leaky[0, 5:9] - dense[0, 5:9]).abs().max().item() > 1e-3
+
+
+def test_host_built_document_bounds_replace_the_device_computation(monkeypatch) -> None:
+    """The trainer passes varlen_info of the HOST document ids as document_bounds: the varlen route
+    uses them as they are (no recomputation, so no device sync) and gives the dense-mask result;
+    routes without a varlen kernel ignore them."""
+    args = VicunaArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=48, max_seq_len=32)
+    model = Vicuna(args).eval()
+    model.init_weights(std=0.2)
+    tokens = torch.randint(1, 64, (2, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 9 + [-1] * 3])
+    positions = torch.tensor([list(range(5)) + list(range(4)) + list(range(3)), list(range(12))])
+    bounds = attention.varlen_info(doc_ids, 12)
+    with torch.no_grad():
+        dense = model(tokens, positions=positions, document_ids=doc_ids)
+        ignored = model(tokens, positions=positions, document_ids=doc_ids, document_bounds=bounds)
+        monkeypatch.setattr(attention, "_torch_varlen_attn", _segment_sdpa_varlen)
+        monkeypatch.setattr(attention, "torch_varlen_usable", lambda device, dtype, gqa=False: True)
+
+        def no_device_computation(*a, **k):
+            raise AssertionError("varlen_info recomputed although document_bounds were given")
+
+        monkeypatch.setattr(attention, "varlen_info", no_device_computation)
+        routed = model(tokens, positions=positions, document_ids=doc_ids, document_bounds=bounds)
+    assert torch.equal(ignored, dense)
+    assert (routed - dense).abs().max().item() <= 1e-5

@@ -12,6 +12,7 @@ import torch
 
 from titan_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from titan_llava.loss import loss_positions
+from titan_llava.models.attention import VarlenInfo, varlen_info
 
 
 @dataclass
@@ -32,6 +33,9 @@ class Batch:
         have a valid next-token target and those targets (`titan_llava.loss.loss_positions`), so
         the model computes logits only there. Derived from labels (+ document_ids) by the data
         pipeline; None = not computed (the trainer then derives them itself).
+    document_bounds: VarlenInfo or None; `varlen_info(document_ids)` (cumulative document starts
+        and the longest document) for the varlen attention kernels, built on the host by
+        `with_document_bounds` so the forward needs no device sync to build it.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +47,7 @@ class Batch:
     sample_ids: list[list[str]]
     loss_index: torch.Tensor | None = None
     loss_targets: torch.Tensor | None = None
+    document_bounds: VarlenInfo | None = None
 
     def __post_init__(self) -> None:
         assert self.input_ids.dim() == 2 and self.input_ids.dtype == torch.long
@@ -73,7 +78,11 @@ class Batch:
         kwargs = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            kwargs[f.name] = fn(value) if isinstance(value, torch.Tensor) else value
+            if isinstance(value, torch.Tensor):
+                value = fn(value)
+            elif isinstance(value, VarlenInfo):
+                value = VarlenInfo(cu_seqlens=fn(value.cu_seqlens), max_seqlen=value.max_seqlen)
+            kwargs[f.name] = value
         return Batch(**kwargs)
 
     def to(
@@ -91,6 +100,16 @@ class Batch:
             return self
         index, targets = loss_positions(self.labels, self.document_ids)
         return replace(self, loss_index=index, loss_targets=targets)
+
+    def with_document_bounds(self, pin: bool = False) -> "Batch":
+        """This batch with `document_bounds` (packed rows only; call on the host copy). pin: put
+        the small boundary tensor in pinned memory, so the copy to the GPU does not block."""
+        if self.document_ids is None or self.document_bounds is not None:
+            return self
+        info = varlen_info(self.document_ids, self.input_ids.shape[1])
+        if pin:
+            info = VarlenInfo(cu_seqlens=info.cu_seqlens.pin_memory(), max_seqlen=info.max_seqlen)
+        return replace(self, document_bounds=info)
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda t: t.pin_memory())

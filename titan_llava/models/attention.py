@@ -69,13 +69,14 @@ def torch_varlen_usable(device: torch.device, dtype: torch.dtype | None, gqa: bo
     )
 
 
-def _varlen_info(document_ids_BS: Tensor, seq_len: int) -> VarlenInfo:
-    """Cumulative document starts of the flattened rows (a new row always starts a new sequence)."""
+def varlen_info(document_ids_BS: Tensor, seq_len: int) -> VarlenInfo:
+    """Cumulative document starts of the flattened rows (a new row always starts a new sequence).
+    On a device tensor this synchronises (the kernels need max_seqlen as an int); the trainer builds
+    it from the host copy of the batch instead and passes it in as `document_bounds`."""
     flat = document_ids_BS.reshape(-1)
     starts = torch.ones_like(flat, dtype=torch.bool)
     starts[1:] = flat[1:] != flat[:-1]
     starts[::seq_len] = True
-    # One host sync per forward (outside the blocks): the kernels need max_seqlen as an int.
     idx = torch.nonzero(starts).flatten()
     cu = torch.cat([idx, idx.new_tensor([flat.numel()])]).to(torch.int32)
     return VarlenInfo(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max().item()))
@@ -89,6 +90,7 @@ def build_attention_mask(
     device: torch.device,
     dtype: torch.dtype | None = None,
     gqa: bool = False,
+    document_bounds: VarlenInfo | None = None,
 ) -> AttentionMask:
     """The per-forward mask object for `backend`; `document_ids_BS` None means one document per row.
 
@@ -97,12 +99,14 @@ def build_attention_mask(
     `dtype` (of the activations) and `gqa` only matter for sdpa's packed rows: where
     `torch_varlen_usable`, they run on torch's flash varlen kernel (same mask, no dense [B,1,S,S]
     mask, which would rule the flash kernel out); elsewhere (CPU, fp32) on SDPA with the dense mask.
+    `document_bounds`: `varlen_info(document_ids_BS)` computed beforehand (on the host, with no
+    device sync); used where a varlen kernel runs, ignored elsewhere.
     """
     if backend == "sdpa":
         if document_ids_BS is None:
             return None
         if torch_varlen_usable(device, dtype, gqa):
-            return _varlen_info(document_ids_BS, seq_len)
+            return document_bounds or varlen_info(document_ids_BS, seq_len)
         same_doc_BSS = document_ids_BS[:, :, None] == document_ids_BS[:, None, :]
         causal_SS = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
         return (same_doc_BSS & causal_SS)[:, None]
@@ -123,7 +127,7 @@ def build_attention_mask(
         _flash_attn()
         if document_ids_BS is None:
             return None
-        return _varlen_info(document_ids_BS, seq_len)
+        return document_bounds or varlen_info(document_ids_BS, seq_len)
     raise ValueError(f"unknown attn_backend {backend!r} (expected 'sdpa', 'flex' or 'flash')")
 
 

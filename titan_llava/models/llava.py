@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from titan_llava.constants import IMAGE_TOKEN_INDEX
 from titan_llava.data.anyres import anyres_grid_shape, num_tiles, unpadded_feature_shape
 from titan_llava.models.args import LlavaNextArgs
+from titan_llava.models.attention import VarlenInfo
 from titan_llava.models.clip import CLIPVisionTower
 from titan_llava.models.projector import Projector
 from titan_llava.models.vicuna import Vicuna
@@ -116,12 +117,16 @@ class LlavaNext(nn.Module):
         document_ids: Tensor | None = None,
         vision_keepalive: bool = False,
         output_index: Tensor | None = None,
+        document_bounds: VarlenInfo | None = None,
     ) -> Tensor:
         """Logits [B, S, V]. Placeholders are already expanded: image j holds exactly
         num_image_tokens(image_sizes[j]) consecutive IMAGE_TOKEN_INDEX positions, in row-major order.
 
         output_index: flat indices into the B * S positions: logits [N, V] at those only (see
-        Vicuna.forward). vision_keepalive: `pixel_values` holds stand-in tiles for a micro-batch without images; the
+        Vicuna.forward); document_bounds: `varlen_info(document_ids)` built on the host (ditto).
+        image_sizes may be a host tensor or a list of (width, height): the geometry is read on the
+        host either way (pass a list under FSDP2, whose root module moves tensor arguments to the
+        device, which would cost a copy and a read-back). vision_keepalive: `pixel_values` holds stand-in tiles for a micro-batch without images; the
         vision tower and projector still run (so a sharded run issues the same collectives on every
         rank, whatever the modality of each rank's micro-batch) but contribute exactly zero.
         """
@@ -133,7 +138,11 @@ class LlavaNext(nn.Module):
             # A zero-weighted term keeps the tower in the autograd graph (gradients exactly 0).
             h_BSD = h_BSD + 0.0 * unused_TPD.sum().to(h_BSD.dtype) * self.image_newline[0].to(h_BSD.dtype)
             return self.language_model(
-                h_BSD=h_BSD, positions=positions, document_ids=document_ids, output_index=output_index
+                h_BSD=h_BSD,
+                positions=positions,
+                document_ids=document_ids,
+                output_index=output_index,
+                document_bounds=document_bounds,
             )
         image_mask_BS = input_ids == IMAGE_TOKEN_INDEX
         # Placeholders get a valid id for the lookup; their embeddings are overwritten below.
@@ -154,8 +163,16 @@ class LlavaNext(nn.Module):
             lambda: f"image_sizes {image_sizes!r}",
         )
         if features_ND is not None:
-            # masked_scatter fills the masked positions in row-major order: image after image.
-            h_BSD = h_BSD.masked_scatter(image_mask_BS[..., None], features_ND)
+            # Image after image into the placeholder positions in row-major order (what
+            # masked_scatter does). nonzero_static knows its size from the host (no sync), and
+            # index_copy's backward is an index_select (masked_scatter's is a masked_select, which
+            # synchronises to size its output).
+            index = torch.nonzero_static(image_mask_BS.flatten(), size=n_features).squeeze(1)
+            h_BSD = h_BSD.flatten(0, 1).index_copy(0, index, features_ND).view_as(h_BSD)
         return self.language_model(
-            h_BSD=h_BSD, positions=positions, document_ids=document_ids, output_index=output_index
+            h_BSD=h_BSD,
+            positions=positions,
+            document_ids=document_ids,
+            output_index=output_index,
+            document_bounds=document_bounds,
         )

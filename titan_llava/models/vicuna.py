@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titan_llava.models.args import ATTN_BACKENDS, VicunaArgs
-from titan_llava.models.attention import AttentionMask, build_attention_mask, causal_attention
+from titan_llava.models.attention import (
+    AttentionMask,
+    VarlenInfo,
+    build_attention_mask,
+    causal_attention,
+)
 
 
 def rope_tables(
@@ -145,13 +150,16 @@ class Vicuna(nn.Module):
         positions: Tensor | None = None,
         document_ids: Tensor | None = None,
         output_index: Tensor | None = None,
+        document_bounds: VarlenInfo | None = None,
     ) -> Tensor:
         """Logits [B, S, V] from token ids [B, S] or input embeddings `h_BSD` (exactly one); with
         `output_index` (flat indices into the B * S positions) logits [N, V] at those positions
         only: the final norm and the head run on nothing else.
 
         positions: RoPE position per token (default arange; packed rows restart at 0 per document);
-        document_ids: packed-row document index per token (attention stays within a document).
+        document_ids: packed-row document index per token (attention stays within a document);
+        document_bounds: the same as `attention.varlen_info(document_ids)`, built on the host (no
+        device sync where packed rows run on a varlen kernel).
         """
         if (tokens is None) == (h_BSD is None):
             raise ValueError("Vicuna.forward takes exactly one of tokens or h_BSD")
@@ -170,6 +178,7 @@ class Vicuna(nn.Module):
             h_BSD.device,
             dtype=h_BSD.dtype,
             gqa=self.args.kv_heads != self.args.n_heads,
+            document_bounds=document_bounds,
         )
         for layer in self.layers.values():
             h_BSD = layer(h_BSD, cos_BSD, sin_BSD, mask)
