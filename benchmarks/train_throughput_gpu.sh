@@ -9,6 +9,7 @@
 # (no padding; benchmarks/packing_efficiency.py), without AC at 8192 tokens and, compiled, at 16384
 # (benchmarks/activation_memory.py: 32 / 46 GiB of activations), selective AC at 16384.
 # PLAN=round4: round 3's lost runs after the compile and device-assert fixes.
+# PLAN=round5: after the host-sync removals (sync count, best configs, SAC + compile, unpacked stage 2).
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -93,6 +94,17 @@ round4)  # after the compile fix (fullgraph, static gqa, a compile cache per blo
   run s1_pack16k_sacop 45 $S1 $P1 --ac selective
   run s2_pack8k_sacop 90 $S2 --local-batch-size 1 --data.packing_row_len 8192 --ac selective
   run s1_nopack_compile 90 $S1 --local-batch-size 4 --no-packing --compile
+  ;;
+round5)  # after the host-sync removals: the sync count (expect 1 per step + the last step's log),
+  # the best configs again (same-call baselines), selective AC under compile, unpacked stage 2
+  S1="--stage 1 --steps ${STEPS:-6}"
+  S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile"
+  P1="--local-batch-size 1 --data.packing_row_len 16384"
+  run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
+  run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
+  run s1_pack16k_sacop_compile 100 $S1 $P1 --ac selective --compile
+  run s2_pack8k_sacop 100 $S2 --local-batch-size 1 --data.packing_row_len 8192 --ac selective
+  run s2_nopack 160 $S2 --local-batch-size 2 --no-packing
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
   S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"

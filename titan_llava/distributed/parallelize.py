@@ -121,13 +121,14 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, option: str
             checkpoint_block(block)
 
 
-def compile_block(block: nn.Module) -> None:
+def compile_block(block: nn.Module, fullgraph: bool = True) -> None:
     """Compile the block's forward in place (instance attribute: the module, its class and its
     parameter names are untouched, and FSDP's hooks stay outside the compiled region). Dynamic
     shapes so varying sequence lengths and tile counts reuse one graph; identical blocks share it.
     fullgraph: a graph break inside the checkpointed forward would leave the whole block eager
-    (silently); here it is an error."""
-    block.forward = torch.compile(block.forward, dynamic=True, fullgraph=True)
+    (silently); here it is an error. (Off only for the optional flash-attn package, whose older
+    releases call their kernels through pybind functions dynamo cannot trace.)"""
+    block.forward = torch.compile(block.forward, dynamic=True, fullgraph=fullgraph)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
@@ -181,8 +182,10 @@ def parallelize_llava(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Modu
         apply_activation_checkpointing(blocks, ac.mode, ac.selective_ac_option)
     if cfg.compile.enable:
         for name in cfg.compile.components:
+            # flash-attn's kernels run only in the LLM; the vision tower always uses SDPA.
+            fullgraph = name == "vision" or cfg.model.attn_backend != "flash"
             for block in towers[name].values():
-                compile_block(block)
+                compile_block(block, fullgraph=fullgraph)
     if mesh is not None:
         apply_fsdp(
             model, mesh, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
