@@ -36,6 +36,14 @@ run() {  # name limit_s args...
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | tee -a "$OUT/summary.txt"
 }
 
+parity() {  # limit_s: benchmarks/varlen_parity.py (CUDA only; skipped in the CPU dry run)
+  [[ ${FLAVOR:-} == debug ]] && return
+  echo "== varlen_parity" | tee -a "$OUT/summary.txt"
+  timeout -k 5 "$1" python benchmarks/varlen_parity.py >"$OUT/varlen_parity.log" 2>&1
+  echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
+  grep -E "route|diff|attention fwd|PARITY|Error" "$OUT/varlen_parity.log" | tee -a "$OUT/summary.txt"
+}
+
 case ${PLAN:-round1} in
 round1)  # compile and packing before/after (README, first table)
   run s1_eager 75 $S1
@@ -46,12 +54,7 @@ round1)  # compile and packing before/after (README, first table)
   ;;
 round2)  # packed rows on torch's varlen kernel vs the dense mask; stage 1 AC policies
   S1="--stage 1 --local-batch-size 4 --steps ${STEPS:-6}"
-  if [[ ${FLAVOR:-} != debug ]]; then
-    echo "== varlen_parity" | tee -a "$OUT/summary.txt"
-    timeout -k 5 30 python benchmarks/varlen_parity.py >"$OUT/varlen_parity.log" 2>&1
-    echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-    grep -E "route|diff|attention fwd|PARITY" "$OUT/varlen_parity.log" | tee -a "$OUT/summary.txt"
-  fi
+  parity 30
   run s1_pack_dense 50 $S1 --no-torch-varlen
   run s1_pack_varlen 40 $S1
   run s1_nopack 40 $S1 --no-packing
@@ -60,12 +63,7 @@ round2)  # packed rows on torch's varlen kernel vs the dense mask; stage 1 AC po
   ;;
 round3)  # stage 1: frozen bf16 storage; 1 x 16384-token packed rows; AC none (+ compile)
   S1="--stage 1 --steps ${STEPS:-6}"
-  if [[ ${FLAVOR:-} != debug ]]; then  # varlen route, eager and compiled (compile + varlen is new)
-    echo "== varlen_parity" | tee -a "$OUT/summary.txt"
-    timeout -k 5 90 python benchmarks/varlen_parity.py >"$OUT/varlen_parity.log" 2>&1
-    echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-    grep -E "route|diff|attention fwd|PARITY" "$OUT/varlen_parity.log" | tee -a "$OUT/summary.txt"
-  fi
+  parity 90
   P1="--local-batch-size 1 --data.packing_row_len 16384"
   run s1_nopack_frozen32 45 $S1 --local-batch-size 4 --no-packing --training.frozen_param_dtype float32
   run s1_nopack 45 $S1 --local-batch-size 4 --no-packing
@@ -80,12 +78,7 @@ round4)  # after the compile fix (fullgraph, static gqa, a compile cache per blo
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile"
   P1="--local-batch-size 1 --data.packing_row_len 16384"
-  if [[ ${FLAVOR:-} != debug ]]; then
-    echo "== varlen_parity" | tee -a "$OUT/summary.txt"
-    timeout -k 5 90 python benchmarks/varlen_parity.py >"$OUT/varlen_parity.log" 2>&1
-    echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-    grep -E "route|diff|attention fwd|PARITY|Error" "$OUT/varlen_parity.log" | tee -a "$OUT/summary.txt"
-  fi
+  parity 90
   run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
   run s2_nopack 90 $S2 --local-batch-size 2 --no-packing
   run s2_pack8k 90 $S2 --local-batch-size 1 --data.packing_row_len 8192

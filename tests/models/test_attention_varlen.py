@@ -55,13 +55,19 @@ def _segment_sdpa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
     return out
 
 
-def test_routed_forward_matches_dense_mask(monkeypatch) -> None:
+def _packed_model_and_rows():
+    """A small Vicuna and two packed rows: documents of 5, 4, 3 tokens; 9 tokens + 3 padding."""
     args = VicunaArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=48, max_seq_len=32)
     model = Vicuna(args).eval()
     model.init_weights(std=0.2)
     tokens = torch.randint(1, 64, (2, 12))
     doc_ids = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 9 + [-1] * 3])
     positions = torch.tensor([list(range(5)) + list(range(4)) + list(range(3)), list(range(12))])
+    return model, tokens, doc_ids, positions
+
+
+def test_routed_forward_matches_dense_mask(monkeypatch) -> None:
+    model, tokens, doc_ids, positions = _packed_model_and_rows()
     with torch.no_grad():
         dense = model(tokens, positions=positions, document_ids=doc_ids)
         monkeypatch.setattr(attention, "_torch_varlen_attn", _segment_sdpa_varlen)
@@ -80,12 +86,7 @@ def test_host_built_document_bounds_replace_the_device_computation(monkeypatch) 
     """The trainer passes varlen_info of the HOST document ids as document_bounds: the varlen route
     uses them as they are (no recomputation, so no device sync) and gives the dense-mask result;
     routes without a varlen kernel ignore them."""
-    args = VicunaArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=48, max_seq_len=32)
-    model = Vicuna(args).eval()
-    model.init_weights(std=0.2)
-    tokens = torch.randint(1, 64, (2, 12))
-    doc_ids = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 9 + [-1] * 3])
-    positions = torch.tensor([list(range(5)) + list(range(4)) + list(range(3)), list(range(12))])
+    model, tokens, doc_ids, positions = _packed_model_and_rows()
     bounds = attention.varlen_info(doc_ids, 12)
     with torch.no_grad():
         dense = model(tokens, positions=positions, document_ids=doc_ids)
