@@ -86,7 +86,12 @@ def _own_code(fn, owner: str):
     """A copy of `fn` with a code object of its own. Dynamo keeps compiled graphs, and counts
     recompiles against its limit, per code object: vision and LLM blocks sharing one checkpointing
     forward would share one cache (and one recompile budget)."""
-    code = fn.__code__.replace(co_qualname=f"{owner}.forward")
+    code = fn.__code__
+    # A distinct object is what matters; the name only helps reading dynamo's logs (3.11+).
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=f"{owner}.forward")
+    else:
+        code = code.replace()
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
