@@ -1,6 +1,7 @@
 """FSDP2 / HSDP on CPU with 2 gloo processes (torchrun) vs one unsharded process, fp32: logits,
 gradients (global-token loss), clip + AdamW step, activation checkpointing (full / selective),
-stage-1 freezing, parameter names unchanged, and the meta-device build path."""
+stage-1 freezing, per-block compile (fullgraph) under FSDP2, parameter names unchanged, and the
+meta-device build path."""
 
 import json
 import os
@@ -34,9 +35,12 @@ def results(tmp_path_factory):
         return json.load(f)
 
 
-VARIANTS = ["fsdp", "fsdp_ac_full", "fsdp_ac_op", "fsdp_ac_every2", "stage1", "hsdp"]
+VARIANTS = ["fsdp", "fsdp_ac_full", "fsdp_ac_op", "fsdp_ac_every2", "stage1", "hsdp",
+            "fsdp_compile_ac_full", "stage1_compile"]
+# Compiled blocks recompute inside the compiled backward (no Python hook runs): not counted.
 NORM_CALLS = {"fsdp": [1, 1], "hsdp": [1, 1], "fsdp_ac_full": [2, 2], "fsdp_ac_op": [2, 2],
-              "fsdp_ac_every2": [2, 1], "stage1": [2, 2]}
+              "fsdp_ac_every2": [2, 1], "stage1": [2, 2], "fsdp_compile_ac_full": None,
+              "stage1_compile": None}
 
 
 @pytest.mark.slow
@@ -51,12 +55,14 @@ def test_sharded_matches_single_process(results, variant):
     assert r["grad_norm_diff"] <= 1e-4
     assert r["param_diff_after_step"] <= 1e-5
     assert r["state_params"] == r["ref_state_params"]
-    assert r["norm_calls"] == NORM_CALLS[variant]  # AC really recomputes (or not)
+    if NORM_CALLS[variant] is not None:
+        assert r["norm_calls"] == NORM_CALLS[variant]  # AC really recomputes (or not)
 
 
 @pytest.mark.slow
 def test_stage1_only_projector_has_state(results):
-    assert results["stage1"]["state_params"] == 5  # linear_1/2 weight+bias, image_newline
+    for variant in ("stage1", "stage1_compile"):
+        assert results[variant]["state_params"] == 5  # linear_1/2 weight+bias, image_newline
 
 
 @pytest.mark.slow
