@@ -189,14 +189,13 @@ class Trainer:
     # ----- the step -----
     def _next_microbatches(self) -> tuple[list[Batch], float]:
         t0 = time.perf_counter()
-        pin = self.device.type == "cuda"
-        batches = [
-            # Loss positions and packed rows' document boundaries built on the host, where they
-            # cost no device sync (the model would otherwise build them in every forward).
-            next(self._data_iter).with_loss_positions().with_document_bounds(pin=pin)
-            for _ in range(self.grad_accum)
-        ]
+        batches = [next(self._data_iter) for _ in range(self.grad_accum)]
         wait = time.perf_counter() - t0
+        # Loss positions and (on CUDA, where packed rows run on a varlen kernel) the rows' document
+        # boundaries, built on the host where they cost no device sync.
+        batches = [b.with_loss_positions() for b in batches]
+        if self.device.type == "cuda":
+            batches = [b.with_document_bounds(pin=True) for b in batches]
         # Counted on the host copies, so the step never waits on the device for its statistics.
         self._counts = self._step_counts(batches)
         return [b.to(self.device, non_blocking=True, sizes_on_host=True) for b in batches], wait

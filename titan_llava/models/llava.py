@@ -112,7 +112,7 @@ class LlavaNext(nn.Module):
         self,
         input_ids: Tensor,
         pixel_values: Tensor | None = None,
-        image_sizes: Tensor | None = None,
+        image_sizes: Tensor | Sequence[Sequence[int]] | None = None,
         positions: Tensor | None = None,
         document_ids: Tensor | None = None,
         vision_keepalive: bool = False,
@@ -126,7 +126,9 @@ class LlavaNext(nn.Module):
         Vicuna.forward); document_bounds: `varlen_info(document_ids)` built on the host (ditto).
         image_sizes may be a host tensor or a list of (width, height): the geometry is read on the
         host either way (pass a list under FSDP2, whose root module moves tensor arguments to the
-        device, which would cost a copy and a read-back). vision_keepalive: `pixel_values` holds stand-in tiles for a micro-batch without images; the
+        device, which would cost a copy and a read-back).
+
+        vision_keepalive: `pixel_values` holds stand-in tiles for a micro-batch without images; the
         vision tower and projector still run (so a sharded run issues the same collectives on every
         rank, whatever the modality of each rank's micro-batch) but contribute exactly zero.
         """
@@ -137,13 +139,23 @@ class LlavaNext(nn.Module):
             unused_TPD = self.projector(self.vision_tower(pixel_values))
             # A zero-weighted term keeps the tower in the autograd graph (gradients exactly 0).
             h_BSD = h_BSD + 0.0 * unused_TPD.sum().to(h_BSD.dtype) * self.image_newline[0].to(h_BSD.dtype)
-            return self.language_model(
-                h_BSD=h_BSD,
-                positions=positions,
-                document_ids=document_ids,
-                output_index=output_index,
-                document_bounds=document_bounds,
-            )
+        else:
+            h_BSD = self._embed_with_images(input_ids, pixel_values, image_sizes)
+        return self.language_model(
+            h_BSD=h_BSD,
+            positions=positions,
+            document_ids=document_ids,
+            output_index=output_index,
+            document_bounds=document_bounds,
+        )
+
+    def _embed_with_images(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None,
+        image_sizes: Tensor | Sequence[Sequence[int]] | None,
+    ) -> Tensor:
+        """Token embeddings [B, S, D] with the images' features at their IMAGE_TOKEN_INDEX positions."""
         image_mask_BS = input_ids == IMAGE_TOKEN_INDEX
         # Placeholders get a valid id for the lookup; their embeddings are overwritten below.
         tokens_BS = torch.where(image_mask_BS, torch.zeros_like(input_ids), input_ids)
@@ -169,10 +181,4 @@ class LlavaNext(nn.Module):
             # synchronises to size its output).
             index = torch.nonzero_static(image_mask_BS.flatten(), size=n_features).squeeze(1)
             h_BSD = h_BSD.flatten(0, 1).index_copy(0, index, features_ND).view_as(h_BSD)
-        return self.language_model(
-            h_BSD=h_BSD,
-            positions=positions,
-            document_ids=document_ids,
-            output_index=output_index,
-            document_bounds=document_bounds,
-        )
+        return h_BSD
