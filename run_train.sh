@@ -39,8 +39,14 @@ while kill -0 "$pid" 2>/dev/null; do
   rc=0
   wait "$pid" || rc=$?
 done
-status=$(cat "$status_file" 2>/dev/null || true)
+# First line: the trainer's exit status; any further lines: its error message, repeated here because
+# torchrun may have stopped rank 0 (the rank whose output is shown) before it printed it.
+status=$(head -n 1 "$status_file" 2>/dev/null || true)
 if [ -n "$status" ] && [ "$status" != "0" ]; then
+  message=$(tail -n +2 "$status_file" 2>/dev/null || true)
+  if [ -n "$message" ]; then
+    echo "run_train.sh: titan_llava.train exited with status $status: $message" >&2
+  fi
   exit "$status"
 fi
 exit "$rc"

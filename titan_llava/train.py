@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             # User errors (ValueError by convention) before any training work: no traceback.
             print(f"titan_llava.train: error: {e}", file=sys.stderr)
-            _report_status(EXIT_CONFIG_ERROR)
+            _report_status(EXIT_CONFIG_ERROR, f"error: {e}")
             return EXIT_CONFIG_ERROR
         status = trainer.train()
         finished = True
@@ -405,17 +405,20 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _report_status(status: int) -> None:
+def _report_status(status: int, message: str | None = None) -> None:
     """torchrun turns any non-zero worker exit into 1; run_train.sh reads the real status (75 =
-    preempted, checkpoint saved; 2 = config error) from the file it names in
-    TITAN_LLAVA_STATUS_FILE. Every rank writes it (they agree), because torchrun may stop the other
-    ranks as soon as the first one exits."""
+    preempted, checkpoint saved; 2 = config error) from the first line of the file it names in
+    TITAN_LLAVA_STATUS_FILE, and prints the rest (the error message) itself. Every rank writes it
+    (they agree), because torchrun may stop the other ranks as soon as the first one exits: rank 0,
+    the only rank whose output is shown, can be stopped before it prints its own message."""
     path = os.environ.get("TITAN_LLAVA_STATUS_FILE")
     if path:
         # Write-then-rename: a rank stopped mid-write never leaves the file empty.
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(f"{status}\n")
+            if message:
+                f.write(f"{message}\n")
         os.replace(tmp, path)
 
 
