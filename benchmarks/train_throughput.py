@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from kernel_profile import StepProfiler
 from step_marks import StepMarks, install_probes
 from synthetic_data import TOKENIZER_PATH, write_dataset
 
@@ -68,6 +69,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="CUDA: count the host syncs of the measured steps and where they happen "
         "(torch.cuda.set_sync_debug_mode; slows those steps, so timings of this run are not figures)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="profile the measured steps (torch.profiler): print device time per kernel category "
+        "and the top kernels, write DIR/kernel_profile.json and DIR/trace.json.gz (adds some "
+        "overhead to the figures of this run)",
     )
     p.add_argument("--num-workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
     p.add_argument("--samples", type=int, default=None, help="synthetic samples to write")
@@ -177,6 +186,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     full_flops: list[float] = []
     clock: dict[str, float] = {}
     records: list[dict] = []
+    profiler = StepProfiler(a.profile, cuda) if a.profile else None
+    kernels = None
 
     orig_next, orig_step = trainer._next_microbatches, trainer.train_step
     orig_counts, orig_log = trainer._step_counts, trainer.metrics.log
@@ -188,6 +199,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             marks.active, clock["start"] = True, time.perf_counter()
             if cuda and a.sync_debug:
                 torch.cuda.set_sync_debug_mode("warn")
+            if profiler is not None:
+                profiler.start()
         mbs, wait = orig_next()
         if marks.active:
             waits.append(wait)
@@ -241,6 +254,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - clock["start"]
+        if profiler is not None:
+            kernels = profiler.stop(a.steps, elapsed)
         if sync_debug:
             print(f"host syncs in the {a.steps} measured steps: {sum(sites.values())} "
                   f"(incl. the last step's metrics log)")
@@ -306,7 +321,11 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             else None
         ),
         "final_loss": records[-1]["loss"] if records else None,
+        "profiled": profiler is not None,
+        "kernel_profile": kernels.to_json(top_n=20) if kernels is not None else None,
     }
+    if kernels is not None:
+        print(kernels.report(), flush=True)
     return res
 
 
@@ -360,6 +379,8 @@ def report(r: dict) -> str:
         f"ratio to reference: {r['ratio_to_reference']:.2f}x "
         f"(reference {r['reference_samples_per_s']} samples/s/GPU on H100)"
     )
+    if r["profiled"]:
+        lines.append("PROFILED run: the figures above include the profiler's overhead")
     if r["full_depth_estimate_samples_per_s"] is not None:
         est = r["full_depth_estimate_samples_per_s"]
         lines.append(

@@ -10,6 +10,7 @@
 # (benchmarks/activation_memory.py: 32 / 46 GiB of activations), selective AC at 16384.
 # PLAN=round4: round 3's lost runs after the compile and device-assert fixes.
 # PLAN=round5: after the host-sync removals (sync count, best configs, SAC + compile, unpacked stage 2).
+# PLAN=round6: round 5 plus a kernel profile (--profile) of the best stage-1 config and of stage 2.
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -31,7 +32,7 @@ run() {  # name limit_s args...
   echo "== $name (limit ${limit}s): $B $*" | tee -a "$OUT/summary.txt"
   timeout -k 10 "$limit" $B "$@" ${EXTRA:-} >"$OUT/$name.log" 2>&1
   echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP|host syncs|  +[0-9]+  )" \
+  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total | +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
     "$OUT/$name.log" | tee -a "$OUT/summary.txt"
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | tee -a "$OUT/summary.txt"
 }
@@ -98,6 +99,18 @@ round5)  # after the host-sync removals: the sync count (expect 1 per step + the
   run s1_pack16k_sacop_compile 100 $S1 $P1 --ac selective --compile
   run s2_pack8k_sacop 100 $S2 --local-batch-size 1 --data.packing_row_len 8192 --ac selective
   run s2_nopack 160 $S2 --local-batch-size 2 --no-packing
+  ;;
+round6)  # round 5 + where the device time goes (kernel categories, top kernels) in both stages;
+  # the profiled runs reuse the compile cache of the run before them and are not figures
+  S1="--stage 1 --steps ${STEPS:-6}"
+  S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile"
+  P1="--local-batch-size 1 --data.packing_row_len 16384"
+  run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
+  run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
+  run s1_pack16k_noac_compile_prof 75 --stage 1 --steps 2 $P1 --ac none --compile --profile "$OUT/prof_s1"
+  run s2_pack8k_sacop 100 $S2 --local-batch-size 1 --data.packing_row_len 8192 --ac selective
+  run s2_pack8k_sacop_prof 75 --stage 2 --llm-layers 8 --grad-accum 2 --steps 2 --compile --local-batch-size 1 --data.packing_row_len 8192 --ac selective --profile "$OUT/prof_s2"
+  run s1_pack16k_sacop_compile 100 $S1 $P1 --ac selective --compile
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
   S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"

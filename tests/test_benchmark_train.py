@@ -14,6 +14,7 @@ from PIL import Image
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from kernel_profile import category, summarise
 from step_marks import StepMarks
 from synthetic_data import write_dataset
 
@@ -80,7 +81,58 @@ def test_breakdown_charges_segments():
     assert bd["optimizer"] == pytest.approx(4 + 1)
 
 
-@pytest.mark.parametrize("stage,extra", [(1, []), (2, ["--llm-layers", "1"])])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_cublas", "matmul"),
+        ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", "matmul"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>", "attention"),
+        ("void flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", "attention"),
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled (inductor)"),
+        ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
+        ("Memcpy DtoD (Device -> Device)", "copy/memset"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>",
+         "elementwise/reduce (eager)"),
+        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("aten::mm", "matmul"),
+        ("Memset (Device)", "copy/memset"),
+        ("## Call CompiledFxGraph f5ezqmmk ##", "compiled (inductor)"),
+        ("cudaLaunchKernel", "other"),
+    ],
+)
+def test_kernel_categories(name, expected):
+    assert category(name) == expected
+
+
+class _Evt:
+    def __init__(self, key, us, count, cuda=True):
+        self.key, self.count = key, count
+        self.self_device_time_total = us if cuda else 0
+        self.self_cpu_time_total = 0 if cuda else us
+        self.device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+
+
+def test_kernel_summary_per_step_and_device_events_only():
+    evts = [
+        _Evt("nvjet_hsh_256x128", 6000, 40),
+        _Evt("flash_fwd_kernel", 3000, 8),
+        _Evt("sm90_xmma_gemm", 2000, 20),
+        _Evt("aten::mm", 9000, 60, cuda=False),  # host-side op: not device time
+        _Evt("triton_poi_fused_mul_0", 0, 4),  # no time: dropped
+    ]
+    s = summarise(evts, cuda=True, steps=2, wall_s=0.010)
+    assert s.categories == {"matmul": pytest.approx(4.0), "attention": pytest.approx(1.5)}
+    assert [k["name"] for k in s.top] == ["nvjet_hsh_256x128", "flash_fwd_kernel", "sm90_xmma_gemm"]
+    assert s.top[0]["ms_per_step"] == pytest.approx(3.0) and s.top[0]["calls_per_step"] == 20
+    assert s.wall_ms_per_step == pytest.approx(5.0)
+    text = s.report()
+    assert "matmul" in text and "110.0% of the 5.0 ms step" in text
+
+
+@pytest.mark.parametrize(
+    "stage,extra", [(1, []), (2, ["--llm-layers", "1", "--profile", "prof"])]
+)
 def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     out_json = tmp_path / "r.json"
     cmd = [
@@ -117,6 +169,18 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     assert bd["vision"] > 0 and bd["llm"] > 0 and bd["optimizer"] > 0
     # The buckets partition the measured step.
     assert sum(bd.values()) == pytest.approx(1e3 * r["step_time_s"], rel=1e-6)
+    if stage == 2:
+        # --profile: the category table, the top kernels and both files.
+        assert "kernel profile: 2 measured steps, CPU operator self time" in proc.stdout
+        assert "PROFILED run" in proc.stdout and r["profiled"]
+        kp = r["kernel_profile"]
+        assert kp["categories_ms_per_step"]["matmul"] > 0
+        assert kp["categories_ms_per_step"]["attention"] > 0
+        assert sum(kp["categories_ms_per_step"].values()) == pytest.approx(kp["total_ms_per_step"])
+        assert (tmp_path / "prof" / "kernel_profile.json").exists()
+        assert (tmp_path / "prof" / "trace.json.gz").stat().st_size > 0
+    else:
+        assert not r["profiled"] and r["kernel_profile"] is None
     if stage == 2:
         assert r["llm_layers"] == 1 and r["llm_layers_full"] == 2
         assert "REDUCED DEPTH" in proc.stdout and r["full_depth_estimate_samples_per_s"] > 0

@@ -1,0 +1,137 @@
+"""Where the device time of the measured steps goes: a torch.profiler window over those steps,
+summarised per kernel category (matmul, attention, compiled triton kernels, collectives, copies,
+optimizer, eager elementwise) and per kernel, plus a Chrome trace for Perfetto / chrome://tracing.
+
+On CUDA the figures are kernel (device) self time; on CPU, operator self time (there are no
+kernels). Categories come from kernel/operator names, so they are a guide, not an exact split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# First match wins: attention before matmul (flash kernels), copies before the eager catch-all.
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("collective", ("nccl", "c10d::", "all_gather", "allgather", "reduce_scatter", "allreduce",
+                    "all_reduce", "gloo")),
+    ("attention", ("flash", "fmha", "attention", "varlen", "sdpa", "flex")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm",
+                "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+    ("optimizer", ("multi_tensor", "adam", "_foreach")),
+    ("compiled (inductor)", ("triton_", "cpp_fused", "compiledfunction", "compiledfxgraph", "torch-compiled")),
+    ("copy/memset", ("memcpy", "memset", "copy_", "aten::to", "_to_copy", "aten::cat",
+                     "aten::index", "aten::contiguous", "aten::clone", "aten::fill_",
+                     "aten::zero_")),
+    ("elementwise/reduce (eager)", ("elementwise", "vectorized", "reduce_kernel", "aten::")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, needles in CATEGORIES:
+        if any(n in low for n in needles):
+            return cat
+    return "other"
+
+
+@dataclass
+class KernelSummary:
+    device: str  # "cuda" (kernel self time) or "cpu" (operator self time)
+    steps: int
+    wall_ms_per_step: float
+    categories: dict[str, float] = field(default_factory=dict)  # ms per step
+    top: list[dict] = field(default_factory=list)  # name, category, ms_per_step, calls_per_step
+    trace: str | None = None
+
+    @property
+    def total_ms_per_step(self) -> float:
+        return sum(self.categories.values())
+
+    def report(self, top_n: int = 20) -> str:
+        total = self.total_ms_per_step or 1e-9
+        unit = "kernel (device) self time" if self.device == "cuda" else "CPU operator self time"
+        lines = [f"kernel profile: {self.steps} measured steps, {unit} per step"
+                 + (f"; trace {self.trace}" if self.trace else "")]
+        for cat, ms in sorted(self.categories.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {cat:28s} {ms:10.2f} ms  {100 * ms / total:5.1f}%")
+        lines.append(
+            f"  {'total':28s} {self.total_ms_per_step:10.2f} ms = "
+            f"{100 * self.total_ms_per_step / max(self.wall_ms_per_step, 1e-9):.1f}% of the "
+            f"{self.wall_ms_per_step:.1f} ms step (streams and threads may overlap)"
+        )
+        lines.append(f"top {min(top_n, len(self.top))} by time: ms/step, calls/step, category, name")
+        for k in self.top[:top_n]:
+            name = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
+            lines.append(
+                f"  {k['ms_per_step']:9.2f} {k['calls_per_step']:8.1f}  {k['category']:26s} {name}"
+            )
+        return "\n".join(lines)
+
+    def to_json(self, top_n: int | None = None) -> dict:
+        return {
+            "device": self.device,
+            "steps": self.steps,
+            "wall_ms_per_step": self.wall_ms_per_step,
+            "total_ms_per_step": self.total_ms_per_step,
+            "categories_ms_per_step": self.categories,
+            "top": self.top if top_n is None else self.top[:top_n],
+            "trace": self.trace,
+        }
+
+
+class StepProfiler:
+    """start() before the first measured step, stop(...) after the last one (device idle)."""
+
+    def __init__(self, out_dir: str, cuda: bool) -> None:
+        self.out_dir, self.cuda = out_dir, cuda
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.prof = profile(activities=activities, record_shapes=False, with_stack=False)
+        self.started = False
+
+    def start(self) -> None:
+        if not self.started:
+            self.prof.start()
+            self.started = True
+
+    def stop(self, steps: int, wall_s: float, trace: bool = True) -> KernelSummary:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.prof.stop()
+        os.makedirs(self.out_dir, exist_ok=True)
+        summary = summarise(self.prof.key_averages(), self.cuda, steps, wall_s)
+        if trace:
+            summary.trace = os.path.join(self.out_dir, "trace.json.gz")
+            self.prof.export_chrome_trace(summary.trace)
+        with open(os.path.join(self.out_dir, "kernel_profile.json"), "w") as f:
+            json.dump(summary.to_json(), f, indent=1)
+        return summary
+
+
+def summarise(averages, cuda: bool, steps: int, wall_s: float) -> KernelSummary:
+    """Per-category and per-name self time per step from `prof.key_averages()`."""
+    rows = []
+    for evt in averages:
+        if cuda:
+            # Kernels, memcpys and memsets are the events that run on the device.
+            if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            us = evt.self_device_time_total
+        else:
+            us = evt.self_cpu_time_total
+        if us <= 0:
+            continue
+        rows.append((evt.key, us / 1e3 / steps, evt.count / steps))
+    rows.sort(key=lambda r: -r[1])
+    summary = KernelSummary("cuda" if cuda else "cpu", steps, 1e3 * wall_s / steps)
+    for name, ms, calls in rows:
+        cat = category(name)
+        summary.categories[cat] = summary.categories.get(cat, 0.0) + ms
+        summary.top.append(
+            {"name": name, "category": cat, "ms_per_step": ms, "calls_per_step": calls}
+        )
+    return summary
