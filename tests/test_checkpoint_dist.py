@@ -1,6 +1,7 @@
 """Checkpoints with 2 gloo processes: packed resume after a kill mid-accumulation is bit-identical,
 a 2-rank checkpoint loads into 1 and 4 ranks (model + optimizer equal to the saved full tensors; the
-data state refuses clearly; a model-only start works), and a NaN on one rank stops every rank."""
+data state refuses clearly; a model-only start works), stage 1 with replicated frozen parts resumes
+like a sharded run, and a NaN on one rank stops every rank."""
 
 from __future__ import annotations
 
@@ -186,6 +187,27 @@ def _assert_equal_to_saved(loaded: dict, step_dir: str, prefixes: tuple[str, ...
         ref = torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype)
         dcp.load({k: ref}, checkpoint_id=step_dir, no_dist=True)
         assert torch.equal(loaded[k], ref), k
+
+
+def test_stage1_replicated_frozen_parts_train_and_resume_like_sharded(tmp_path, two_rank_run):
+    """Stage 1 on 2 ranks with parallelism.replicate_frozen (Vicuna and CLIP whole on each rank):
+    the same losses and grad norms as with them sharded; a checkpoint saved that way resumes, bit
+    for bit, in a run that shards them again (and the model-only start read sharded-saved weights
+    into replicated ones)."""
+    straight, _ = two_rank_run
+    stage1 = [*RUN2, "--training.trainable", "projector",
+              "--checkpoint.initial_load_path", os.path.join(ckpt(straight), "step-4"),
+              "--checkpoint.initial_load_model_only", "true"]  # fmt: skip
+    sharded = str(tmp_path / "sharded")
+    ok(train(sharded, *stage1, nproc=2))
+    switched = str(tmp_path / "switched")
+    replicate = ["--parallelism.replicate_frozen", "true"]
+    p = train(switched, *stage1, *replicate, nproc=2, fault="accum@3")
+    ok(p, 1)
+    assert "frozen parameters (" in p.stderr and "whole on every rank" in p.stderr, p.stderr[-3000:]
+    assert complete_steps(ckpt(switched)) == ([2], [])
+    ok(train(switched, *stage1, nproc=2))  # resumes step 2 with the frozen parts sharded
+    assert_same_history(metrics(switched), metrics(sharded), 4)
 
 
 def test_nan_on_one_rank_stops_all_ranks_before_the_step(tmp_path):

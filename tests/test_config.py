@@ -130,6 +130,8 @@ def test_validate_batch_and_parallelism():
         (["--compile.components", "llm,projector"], "compile.components"),
         (["--data.packing", "--data.packing_row_len", "2048"], "data.packing_row_len"),
         (["--data.packing", "--training.steps", "-1"], "data.packing = false"),
+        (["--parallelism.replicate_frozen", "--training.frozen_param_dtype", "float32"],
+         "training.frozen_param_dtype is 'float32' but training.mixed_precision_param"),
     ],
 )
 def test_validate_rejects(argv, key):

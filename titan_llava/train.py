@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from titan_llava.architecture import MODEL_ARGS_FILE, hf_dirs, resolve_model_args
 from titan_llava.checkpoint import (
@@ -30,7 +31,7 @@ from titan_llava.data.loader import build_data_loader
 from titan_llava.data.manifest import ManifestWriter
 from titan_llava.data.tokenizer import Tokenizer
 from titan_llava.distributed.parallel_dims import ParallelDims
-from titan_llava.distributed.parallelize import parallelize_llava
+from titan_llava.distributed.parallelize import broadcast_replicated_params, parallelize_llava
 from titan_llava.distributed.utils import (
     all_reduce_counts,
     all_reduce_scalars,
@@ -167,6 +168,8 @@ class Trainer:
             return
         if not ck.initial_load_path:
             logger.info("no checkpoint.initial_load_path: all weights from init_weights()")
+            if self.cfg.parallelism.replicate_frozen:
+                broadcast_replicated_params(self.model)  # random draws may differ per rank
             return
         if not ck.initial_load_in_hf:
             # Model-only: stage 1 -> stage 2. A full-state load happens in CheckpointManager.
@@ -184,6 +187,13 @@ class Trainer:
         for part, c in count_parameters(self.model).items():
             logger.info(
                 f"{part:>9}: {c['trainable']:,} trainable, {c['frozen']:,} frozen parameters"
+            )
+        if self.cfg.parallelism.replicate_frozen and self.mesh is not None:
+            whole = [p for p in self.model.parameters() if not isinstance(p, DTensor)]
+            gib = sum(p.numel() * p.element_size() for p in whole) / 2**30
+            logger.info(
+                f"parallelism.replicate_frozen: {sum(p.numel() for p in whole):,} frozen "
+                f"parameters ({gib:.2f} GiB) whole on every rank, not sharded"
             )
 
     # ----- the step -----

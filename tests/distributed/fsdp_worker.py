@@ -9,12 +9,13 @@ import json
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from titan_llava.config import load_config
 from titan_llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from titan_llava.data.anyres import num_image_tokens, num_tiles
 from titan_llava.distributed.parallel_dims import ParallelDims
-from titan_llava.distributed.parallelize import parallelize_llava
+from titan_llava.distributed.parallelize import broadcast_replicated_params, parallelize_llava
 from titan_llava.distributed.utils import destroy_distributed, init_distributed
 from titan_llava.loss import cross_entropy_sum, global_valid_tokens, normalize_loss
 from titan_llava.models.args import LLAVA_FLAVORS
@@ -28,6 +29,9 @@ VARIANTS = {
     "fsdp_ac_every2": ["--activation_checkpoint.mode", "selective",
                        "--activation_checkpoint.selective_ac_option", "2"],
     "stage1": ["--training.trainable", "projector", "--activation_checkpoint.mode", "full"],
+    # Stage 1 with the frozen Vicuna and CLIP whole on every rank (not sharded).
+    "stage1_replicate_frozen": ["--training.trainable", "projector", "--activation_checkpoint.mode",
+                                "full", "--parallelism.replicate_frozen", "true"],
     "hsdp": ["--parallelism.data_parallel_replicate_degree", "2",
              "--parallelism.data_parallel_shard_degree", "1"],
     # Per-block compile (fullgraph) under FSDP2, both towers, with and without trainable vision.
@@ -91,6 +95,11 @@ def run_variant(name, extra, rank, world, batch):
     out = {
         "names_unchanged": [n for n, _ in model.named_parameters()] == names,
         "keys_unchanged": list(model.state_dict().keys()) == keys,
+        # Sharded (DTensor) exactly where the parameter trains, or everywhere without replication.
+        "sharding_ok": all(
+            isinstance(p, DTensor) == (p.requires_grad or not cfg.parallelism.replicate_frozen)
+            for p in model.parameters()
+        ),
     }
     # Count how often each LLM block's first norm runs: twice per step when the block is
     # checkpointed (forward + recompute in backward), once otherwise.
@@ -167,6 +176,18 @@ def main(out_dir):
         "finite": all(bool(torch.isfinite(full(p)).all()) for p in meta_model.parameters()),
         "rope_finite": bool(torch.isfinite(meta_model.language_model.rope_cos).all()),
     }
+    # replicate_frozen after a random init: ranks that drew different values end up with rank 0's.
+    model = LlavaNext(copy.deepcopy(LLAVA_FLAVORS["debug"]))
+    cfg = load_config(COMMON + VARIANTS["stage1_replicate_frozen"])
+    parallelize_llava(model, ParallelDims.from_config(cfg.parallelism, world).build_mesh("cpu"), cfg)
+    whole = [p for p in model.parameters() if not isinstance(p, DTensor)]
+    with torch.no_grad():
+        for p in whole:
+            p.add_(float(rank))
+    sums = [None] * world
+    n = broadcast_replicated_params(model)
+    torch.distributed.all_gather_object(sums, [float(p.double().sum()) for p in whole])
+    results["broadcast"] = {"count": n, "whole": len(whole), "agree": all(x == sums[0] for x in sums)}
     if rank == 0:
         with open(f"{out_dir}/results.json", "w") as f:
             json.dump(results, f, indent=1)

@@ -1,6 +1,6 @@
 """FSDP2 / HSDP on CPU with 2 gloo processes (torchrun) vs one unsharded process, fp32: logits,
 gradients (global-token loss), clip + AdamW step, activation checkpointing (full / selective),
-stage-1 freezing, per-block compile (fullgraph) under FSDP2, parameter names unchanged, and the
+stage-1 freezing (frozen parts sharded or replicated), per-block compile (fullgraph) under FSDP2, parameter names unchanged, and the
 meta-device build path."""
 
 import json
@@ -36,18 +36,18 @@ def results(tmp_path_factory):
 
 
 VARIANTS = ["fsdp", "fsdp_ac_full", "fsdp_ac_op", "fsdp_ac_every2", "stage1", "hsdp",
-            "fsdp_compile_ac_full", "stage1_compile"]
+            "fsdp_compile_ac_full", "stage1_compile", "stage1_replicate_frozen"]
 # Compiled blocks recompute inside the compiled backward (no Python hook runs): not counted.
 NORM_CALLS = {"fsdp": [1, 1], "hsdp": [1, 1], "fsdp_ac_full": [2, 2], "fsdp_ac_op": [2, 2],
               "fsdp_ac_every2": [2, 1], "stage1": [2, 2], "fsdp_compile_ac_full": None,
-              "stage1_compile": None}
+              "stage1_compile": None, "stage1_replicate_frozen": [2, 2]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sharded_matches_single_process(results, variant):
     r = results[variant]
-    assert r["names_unchanged"] and r["keys_unchanged"]
+    assert r["names_unchanged"] and r["keys_unchanged"] and r["sharding_ok"]
     assert r["total_tokens_match"]
     assert r["logits_diff"] <= 1e-5
     assert r["grad_presence_ok"] and r["frozen_ok"]
@@ -61,10 +61,16 @@ def test_sharded_matches_single_process(results, variant):
 
 @pytest.mark.slow
 def test_stage1_only_projector_has_state(results):
-    for variant in ("stage1", "stage1_compile"):
+    for variant in ("stage1", "stage1_compile", "stage1_replicate_frozen"):
         assert results[variant]["state_params"] == 5  # linear_1/2 weight+bias, image_newline
 
 
 @pytest.mark.slow
 def test_meta_build_path(results):
     assert results["meta_init"] == {"names_unchanged": True, "finite": True, "rope_finite": True}
+
+
+@pytest.mark.slow
+def test_replicated_params_broadcast_from_rank0(results):
+    b = results["broadcast"]
+    assert b["count"] == b["whole"] > 0 and b["agree"]

@@ -1,7 +1,7 @@
 """Apply parallelism to LlavaNext from the outside, in a fixed order: freeze (frozen parameters
 stored in their compute dtype) -> activation
 checkpointing -> per-block torch.compile -> FSDP2 per block -> FSDP2 on the remaining parts and
-the root. Every wrapper acts in place (class swap or instance attribute), so parameter names and
+the root (parts that do not train may instead stay whole on every rank: replicate_frozen). Every wrapper acts in place (class swap or instance attribute), so parameter names and
 state_dict keys never change.
 """
 
@@ -13,9 +13,11 @@ import warnings
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -136,14 +138,31 @@ def compile_block(block: nn.Module, fullgraph: bool = True) -> None:
     block.forward = torch.compile(block.forward, dynamic=True, fullgraph=fullgraph)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    param_dtype: str,
+    reduce_dtype: str,
+    replicate_frozen: bool = False,
+) -> None:
     """FSDP2 (HSDP on a 2-D mesh): each block, then the embeddings, the LLM head, the vision
-    stem, the projector, and the root (image_newline)."""
+    stem, the projector, and the root (image_newline). `replicate_frozen`: units whose
+    parameters are all frozen are left out (plain tensors, whole on every rank; the root ignores
+    them), so they are never all-gathered."""
     # FSDP2 warns when a wrapped module returns a view (CLIP drops its CLS token by slicing); the
     # warning is about in-place ops on that output, which LlavaNext never does.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
-    shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
+    replicated: set[nn.Parameter] = set()
+
+    def shard(modules, **kwargs) -> None:
+        params = [p for m in (modules if isinstance(modules, list) else [modules])
+                  for p in m.parameters()]
+        if replicate_frozen and params and not any(p.requires_grad for p in params):
+            replicated.update(params)
+            return
+        fully_shard(modules, mesh=mesh, mp_policy=mp, **kwargs)
+
     for block in model.vision_tower.layers.values():
         shard(block)
     llm = model.language_model
@@ -155,7 +174,21 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtyp
     shard([llm.norm, llm.output], reshard_after_forward=False)
     shard(model.vision_tower)
     shard(model.projector)
-    shard(model)
+    # The root always shards (image_newline trains with the projector).
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=replicated or None)
+
+
+def broadcast_replicated_params(model: nn.Module) -> int:
+    """Copy rank 0's value of every parameter that is whole on each rank (not an FSDP2 DTensor:
+    replicate_frozen) to all ranks; returns how many. Needed after a random init_weights, whose
+    draws need not agree across ranks; weights loaded from files are the same everywhere already."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    plain = [p for p in model.parameters() if not isinstance(p, DTensor)]
+    with torch.no_grad():
+        for p in plain:
+            dist.broadcast(p.data, src=0)
+    return len(plain)
 
 
 def store_frozen_params(model: nn.Module, dtype: torch.dtype) -> int:
@@ -193,6 +226,10 @@ def parallelize_llava(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Modu
                 compile_block(block, fullgraph=fullgraph)
     if mesh is not None:
         apply_fsdp(
-            model, mesh, cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce
+            model,
+            mesh,
+            cfg.training.mixed_precision_param,
+            cfg.training.mixed_precision_reduce,
+            replicate_frozen=cfg.parallelism.replicate_frozen,
         )
     return model
