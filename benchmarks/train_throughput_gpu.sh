@@ -10,7 +10,8 @@
 # (benchmarks/activation_memory.py: 32 / 46 GiB of activations), selective AC at 16384.
 # PLAN=round4: round 3's lost runs after the compile and device-assert fixes.
 # PLAN=round5: after the host-sync removals (sync count, best configs, SAC + compile, unpacked stage 2).
-# PLAN=round6: round 5 plus a kernel profile (--profile) of the best stage-1 config and of stage 2.
+# PLAN=round6: round 5 plus a kernel profile (--profile) of the best stage-1 config and of stage 2,
+# and stage 1 with parallelism.replicate_frozen (on one GPU: no FSDP copies of the frozen parts).
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -107,6 +108,7 @@ round6)  # round 5 + where the device time goes (kernel categories, top kernels)
   P1="--local-batch-size 1 --data.packing_row_len 16384"
   run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
   run s1_pack16k_noac_compile 100 $S1 $P1 --ac none --compile
+  run s1_pack16k_noac_compile_repl 75 $S1 $P1 --ac none --compile --parallelism.replicate_frozen true
   run s1_pack16k_noac_compile_prof 75 --stage 1 --steps 2 $P1 --ac none --compile --profile "$OUT/prof_s1"
   run s2_pack8k_sacop 100 $S2 --local-batch-size 1 --data.packing_row_len 8192 --ac selective
   run s2_pack8k_sacop_prof 75 --stage 2 --llm-layers 8 --grad-accum 2 --steps 2 --compile --local-batch-size 1 --data.packing_row_len 8192 --ac selective --profile "$OUT/prof_s2"
