@@ -33,7 +33,7 @@ from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.flops import document_lengths, peak_flops, step_flops
 from titan_llava.models import attention
 from titan_llava.models.args import LLAVA_FLAVORS
-from titan_llava.train import Trainer
+from titan_llava.trainer import Trainer
 
 # The reference recipe on 8x H100 80G (REFERENCE.md): 558K samples in ~4 h, 665K in ~11.5 h.
 REFERENCE_SAMPLES_PER_S_PER_GPU = {1: 4.8, 2: 2.0}

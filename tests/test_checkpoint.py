@@ -177,7 +177,7 @@ def _start_weights(tmp_path, **runs: list[str]) -> dict[str, dict[str, torch.Ten
     }
     code = (
         "import torch; from titan_llava.config import load_config; "
-        "from titan_llava.train import Trainer\n"
+        "from titan_llava.trainer import Trainer\n"
         "full = lambda v: (v.full_tensor() if hasattr(v, 'full_tensor') else v).detach().clone()\n"
         "res = {}\n"
         f"for name, argv in {argvs!r}.items():\n"

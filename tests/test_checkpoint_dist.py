@@ -97,7 +97,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from titan_llava.config import load_config
-from titan_llava.train import Trainer
+from titan_llava.trainer import Trainer
 
 spec = json.loads(sys.argv[1])
 full = lambda v: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()

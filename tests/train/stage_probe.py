@@ -13,7 +13,7 @@ import torch
 
 from titan_llava.config import load_config
 from titan_llava.optim import part_of
-from titan_llava.train import Trainer
+from titan_llava.trainer import Trainer
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ state_dict keys never change.
 
 from __future__ import annotations
 
-import functools
 import types
 import warnings
 from collections import defaultdict

@@ -1,0 +1,128 @@
+"""Validation of a JobConfig: cross-field rules that need no I/O, and input paths. Every error is a
+ValueError naming the config key, raised before any work starts (JobConfig.validate calls these).
+"""
+
+from __future__ import annotations
+
+import os
+
+from titan_llava.config import TRAINABLE_PARTS, JobConfig
+from titan_llava.config_parse import suggest
+
+
+def validate(cfg: JobConfig, world_size: int = 1) -> None:
+    """Cross-field rules that need no I/O. Resolves global_batch_size = -1 in place."""
+    from titan_llava.distributed.parallel_dims import ParallelDims
+
+    t, o, s = cfg.training, cfg.optimizer, cfg.lr_scheduler
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    dp = dims.dp_degree
+    if t.local_batch_size <= 0:
+        raise ValueError(f"training.local_batch_size must be > 0, got {t.local_batch_size}")
+    if cfg.parallelism.replicate_frozen and cfg.frozen_dtype() != t.mixed_precision_param:
+        raise ValueError(
+            "parallelism.replicate_frozen needs frozen parameters stored in the compute dtype: "
+            f"training.frozen_param_dtype is {t.frozen_param_dtype!r} but "
+            f"training.mixed_precision_param is {t.mixed_precision_param!r} (replicated "
+            "parameters are used as stored, FSDP's mixed precision does not cast them)"
+        )
+    if t.global_batch_size == -1:
+        t.global_batch_size = t.local_batch_size * dp
+    if t.global_batch_size <= 0 or t.global_batch_size % (t.local_batch_size * dp):
+        raise ValueError(
+            f"training.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
+            f"training.local_batch_size x data-parallel degree ({t.local_batch_size} x {dp})"
+        )
+    if t.steps == 0 or t.steps < -1:
+        raise ValueError(f"training.steps must be > 0 (or -1 = from epochs), got {t.steps}")
+    if t.steps == -1 and t.epochs <= 0:
+        raise ValueError(f"training.epochs must be > 0 when training.steps = -1, got {t.epochs}")
+    if t.steps == -1 and cfg.data.packing:
+        raise ValueError(
+            "training.steps = -1 (steps from epochs) needs data.packing = false: a packed row "
+            "holds a varying number of samples. Set training.steps; `python -m "
+            "titan_llava.data.inspect --config <toml>` prints the rows one epoch packs into"
+        )
+    bad = [p for p in t.trainable if p not in TRAINABLE_PARTS]
+    if bad or not t.trainable or len(set(t.trainable)) != len(t.trainable):
+        raise ValueError(
+            f"training.trainable must be a non-empty list of distinct {list(TRAINABLE_PARTS)}, "
+            f"got {t.trainable}"
+        )
+    for key in ("lr", "llm_lr", "vision_lr", "projector_lr"):
+        v = getattr(o, key)
+        if v is not None and not v >= 0:
+            raise ValueError(f"optimizer.{key} must be >= 0, got {v}")
+    if not (0.0 <= o.betas[0] < 1.0 and 0.0 <= o.betas[1] < 1.0):
+        raise ValueError(f"optimizer.betas must be in [0, 1), got {o.betas}")
+    if o.eps < 0 or o.weight_decay < 0:
+        raise ValueError("optimizer.eps and optimizer.weight_decay must be >= 0")
+    if not 0.0 <= s.warmup_ratio <= 1.0:
+        raise ValueError(f"lr_scheduler.warmup_ratio must be in [0, 1], got {s.warmup_ratio}")
+    if s.warmup_steps is not None and s.warmup_steps < 0:
+        raise ValueError(f"lr_scheduler.warmup_steps must be >= 0, got {s.warmup_steps}")
+    if t.steps > 0 and cfg.warmup_steps() > t.steps:
+        raise ValueError(
+            f"lr_scheduler.warmup_steps ({cfg.warmup_steps()}) exceeds training.steps ({t.steps})"
+        )
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        raise ValueError(f"lr_scheduler.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    if cfg.model.image_aspect_ratio == "anyres":
+        if not cfg.model.grid_pinpoints:
+            raise ValueError("model.grid_pinpoints must not be empty for image_aspect_ratio anyres")
+        for w, h in cfg.model.grid_pinpoints:
+            if w <= 0 or h <= 0 or w % 336 or h % 336:
+                raise ValueError(
+                    f"model.grid_pinpoints entry {(w, h)} is not a positive multiple of 336"
+                )
+    ac = cfg.activation_checkpoint
+    if ac.mode == "selective" and ac.selective_ac_option != "op":
+        if not (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0):
+            raise ValueError(
+                "activation_checkpoint.selective_ac_option must be 'op' or a positive integer, "
+                f"got {ac.selective_ac_option!r}"
+            )
+    bad = [c for c in cfg.compile.components if c not in ("llm", "vision")]
+    if bad:
+        raise ValueError(f"compile.components may hold 'llm' and 'vision', got {bad}")
+    c = cfg.checkpoint
+    for key, value, low in (
+        ("data.max_seq_len", cfg.data.max_seq_len, 1),
+        ("data.num_workers", cfg.data.num_workers, 0),
+        ("data.packing_lookahead", cfg.data.packing_lookahead, 1),
+        ("checkpoint.interval", c.interval, 1),
+        ("checkpoint.keep_latest_k", c.keep_latest_k, 0),
+        ("metrics.log_freq", cfg.metrics.log_freq, 1),
+    ):
+        if value < low:
+            raise ValueError(f"{key} must be >= {low}, got {value}")
+    if cfg.data.packing_row_len != -1 and cfg.data.packing_row_len < cfg.data.max_seq_len:
+        raise ValueError(
+            f"data.packing_row_len ({cfg.data.packing_row_len}) must be -1 or >= data.max_seq_len "
+            f"({cfg.data.max_seq_len}): a row must hold the longest sample"
+        )
+    if c.initial_load_in_hf and not c.initial_load_path:
+        raise ValueError("checkpoint.initial_load_in_hf needs checkpoint.initial_load_path")
+    from titan_llava.models.args import LLAVA_FLAVORS
+
+    if not c.initial_load_in_hf and cfg.model.flavor not in LLAVA_FLAVORS:
+        raise ValueError(
+            f"model.flavor {cfg.model.flavor!r} is not one of {sorted(LLAVA_FLAVORS)}"
+            f"{suggest(cfg.model.flavor, LLAVA_FLAVORS)}"
+        )
+
+def validate_paths(cfg: JobConfig) -> None:
+    """Check that the input files exist; the error names the config key."""
+    checks = [
+        ("model.tokenizer_path", cfg.model.tokenizer_path, os.path.isfile),
+        ("data.path", cfg.data.path, os.path.isfile),
+    ]
+    if cfg.data.image_folder is not None:
+        checks.append(("data.image_folder", cfg.data.image_folder, os.path.isdir))
+    if cfg.checkpoint.initial_load_path:
+        for part in cfg.checkpoint.initial_load_path.split(","):
+            checks.append(("checkpoint.initial_load_path", part.strip(), os.path.isdir))
+    for key, path, exists in checks:
+        if not exists(path):
+            kind = "directory" if exists is os.path.isdir else "file"
+            raise ValueError(f"{key}: {kind} {path!r} does not exist")

@@ -1,0 +1,385 @@
+"""The Trainer: config -> process group -> data -> meta model -> parallelize -> init/load weights
+-> loop (data -> forward -> loss -> backward -> clip -> step -> log). The command-line entry point
+is titan_llava.train.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from titan_llava.architecture import MODEL_ARGS_FILE, hf_dirs, resolve_model_args
+from titan_llava.checkpoint import (
+    PREEMPTED_EXIT_CODE,
+    CheckpointManager,
+    find_resume_step,
+    load_model_weights,
+)
+from titan_llava.checkpoint_io import fault_point, maybe_crash, maybe_sigterm
+from titan_llava.config import JobConfig
+from titan_llava.data.batch import Batch
+from titan_llava.data.dataset import LlavaDataset
+from titan_llava.data.loader import build_data_loader
+from titan_llava.data.manifest import ManifestWriter
+from titan_llava.data.tokenizer import Tokenizer
+from titan_llava.distributed.parallel_dims import ParallelDims
+from titan_llava.distributed.parallelize import broadcast_replicated_params, parallelize_llava
+from titan_llava.distributed.utils import (
+    all_reduce_counts,
+    all_reduce_scalars,
+    init_distributed,
+    set_determinism,
+    setup_logging,
+)
+from titan_llava.flops import document_lengths, peak_flops, step_flops
+from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
+from titan_llava.metrics import MetricsLogger, device_memory_gib
+from titan_llava.models.args import llava_args_to_dict
+from titan_llava.models.llava import LlavaNext
+from titan_llava.optim import PART_PREFIXES, build_lr_scheduler, build_optimizer, part_of
+
+logger = logging.getLogger("titan_llava")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm of a step is NaN/inf; raised on every rank before the update."""
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """{part: {"trainable": n, "frozen": n}} over the full (unsharded) parameter shapes."""
+    counts = {part: {"trainable": 0, "frozen": 0} for part in PART_PREFIXES}
+    for name, p in model.named_parameters():
+        counts[part_of(name)]["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
+class Trainer:
+    """One training run. Build with a validated JobConfig; `train()` runs it to the last step."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size, self.device = init_distributed()
+        setup_logging(self.rank)
+        # Config errors must surface before any work (and on every rank alike).
+        cfg.validate(self.world_size)
+        cfg.validate_paths()
+        self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        set_determinism(cfg.job.seed)
+        self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
+        self.model_args = resolve_model_args(cfg)
+        if self.rank == 0:
+            path = cfg.save()
+            with open(os.path.join(cfg.job.dump_folder, MODEL_ARGS_FILE), "w") as f:
+                json.dump(llava_args_to_dict(self.model_args), f, indent=2)
+            logger.info(f"resolved config and architecture written to {path}, {MODEL_ARGS_FILE}")
+        if self.tokenizer.vocab_size > self.model_args.llm.vocab_size:
+            raise ValueError(
+                f"model.tokenizer_path: the tokenizer has {self.tokenizer.vocab_size} pieces but the "
+                f"model's vocabulary has {self.model_args.llm.vocab_size} rows"
+            )
+
+        # Meta model -> freeze/AC/compile/FSDP from outside -> real storage -> init -> weights.
+        with torch.device("meta"):
+            model = LlavaNext(self.model_args)
+        parallelize_llava(model, self.mesh, cfg)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.init_weights()
+        self.model = model
+        self._load_initial_weights()
+        self._log_parameter_counts()
+
+        self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp_degree)
+        self.dataset = LlavaDataset(cfg.data.path)
+        self.data_loader = build_data_loader(
+            cfg.data.path,
+            cfg.data.image_folder,
+            self.tokenizer,
+            cfg.data.template,
+            cfg.data.max_seq_len,
+            cfg.training.local_batch_size,
+            packing=cfg.data.packing,
+            packing_row_len=cfg.packing_row_len(),
+            packing_lookahead=cfg.data.packing_lookahead,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.job.seed,
+            group_by_modality_length=cfg.data.group_by_modality_length,
+            global_batch_size=cfg.training.global_batch_size,
+            image_aspect_ratio=self.model_args.image_aspect_ratio,
+            grid_pinpoints=self.model_args.grid_pinpoints,
+            image_size=self.model_args.vision.image_size,
+            patch_size=self.model_args.vision.patch_size,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            dp_rank=self.rank,
+            dp_world_size=self.dims.dp_degree,
+            strict=cfg.data.strict,
+            dataset=self.dataset,
+        )
+        self.total_steps = cfg.resolve_steps(len(self.dataset))
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.total_steps)
+        self.step = 0
+        self._preempt = False  # set by train_step: some rank got SIGTERM
+        self.metrics = MetricsLogger(
+            cfg.job.dump_folder,
+            self.total_steps,
+            rank=self.rank,
+            world_size=self.world_size,
+            peak_flops_per_device=peak_flops(self.device),
+            enable_tensorboard=cfg.metrics.enable_tensorboard,
+            tb_folder=cfg.metrics.save_tb_folder,
+            enable_wandb=cfg.metrics.enable_wandb,
+            config=cfg.to_dict(),
+        )
+        # A tile of zeros that keeps the vision tower's collectives in step on ranks whose
+        # micro-batch has no image (FSDP all-gathers must be issued by every rank).
+        v = self.model_args.vision
+        self._dummy_tile = torch.zeros(1, 3, v.image_size, v.image_size, device=self.device)
+        self.checkpointer = CheckpointManager(
+            cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
+            rank=self.rank, world_size=self.world_size, device=self.device,
+        )
+        # Before the data loader is iterated; a checkpoint that cannot resume here is a set-up error.
+        self.step = self.checkpointer.maybe_resume()
+        self.checkpointer.install_sigterm_handler()
+        self.manifest = None
+        if cfg.data.manifest:
+            path = os.path.join(cfg.job.dump_folder, "manifest", f"rank{self.rank}.jsonl")
+            self.manifest = ManifestWriter(path, self.rank)
+            # Steps after the resumed checkpoint are replayed: drop their lines first.
+            self.manifest.resume(self.step)
+
+    # ----- set-up helpers -----
+    def _load_initial_weights(self) -> None:
+        ck = self.cfg.checkpoint
+        if find_resume_step(self.cfg) is not None:
+            logger.info("resuming from this run's checkpoint: initial weights not loaded")
+            return
+        if not ck.initial_load_path:
+            logger.info("no checkpoint.initial_load_path: all weights from init_weights()")
+            if self.cfg.parallelism.replicate_frozen:
+                broadcast_replicated_params(self.model)  # random draws may differ per rank
+            return
+        if not ck.initial_load_in_hf:
+            # Model-only: stage 1 -> stage 2. A full-state load happens in CheckpointManager.
+            if ck.initial_load_model_only:
+                load_model_weights(self.model, ck.initial_load_path)
+            return
+        from titan_llava.hf.loading import load_hf_weights
+
+        report = load_hf_weights(self.model, **hf_dirs(ck.initial_load_path))
+        logger.info(f"initial weights from {ck.initial_load_path}: {report.summary()}")
+        if report.missing:
+            logger.info(f"left at init (trained from scratch): {', '.join(report.missing)}")
+
+    def _log_parameter_counts(self) -> None:
+        for part, c in count_parameters(self.model).items():
+            logger.info(
+                f"{part:>9}: {c['trainable']:,} trainable, {c['frozen']:,} frozen parameters"
+            )
+        if self.cfg.parallelism.replicate_frozen and self.mesh is not None:
+            whole = [p for p in self.model.parameters() if not isinstance(p, DTensor)]
+            gib = sum(p.numel() * p.element_size() for p in whole) / 2**30
+            logger.info(
+                f"parallelism.replicate_frozen: {sum(p.numel() for p in whole):,} frozen "
+                f"parameters ({gib:.2f} GiB) whole on every rank, not sharded"
+            )
+
+    # ----- the step -----
+    def _next_microbatches(self) -> tuple[list[Batch], float]:
+        t0 = time.perf_counter()
+        batches = [next(self._data_iter) for _ in range(self.grad_accum)]
+        wait = time.perf_counter() - t0
+        # Loss positions and (on CUDA, where packed rows run on a varlen kernel) the rows' document
+        # boundaries, built on the host where they cost no device sync.
+        batches = [b.with_loss_positions() for b in batches]
+        if self.device.type == "cuda":
+            batches = [b.with_document_bounds(pin=True) for b in batches]
+        # Counted on the host copies, so the step never waits on the device for its statistics.
+        self._counts = self._step_counts(batches)
+        return [b.to(self.device, non_blocking=True, sizes_on_host=True) for b in batches], wait
+
+    def forward_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token CEs, valid targets) of one micro-batch."""
+        pixel_values, image_sizes, keepalive = mb.pixel_values, mb.image_sizes, False
+        if image_sizes is not None:
+            # Python numbers: FSDP2's root module moves tensor arguments to the device, and the
+            # model reads the sizes back on the host (a copy and a sync per forward).
+            image_sizes = image_sizes.tolist()
+        if pixel_values is None:
+            pixel_values, keepalive = self._dummy_tile, True
+        logits = self.model(
+            mb.input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            positions=mb.positions,
+            document_ids=mb.document_ids,
+            vision_keepalive=keepalive,
+            output_index=mb.loss_index,  # logits only where a target is: [N, V]
+            document_bounds=mb.document_bounds,  # varlen kernels' boundaries (host-built)
+        )
+        return cross_entropy_sum_at(logits, mb.loss_targets)
+
+    def train_step(self, microbatches: list[Batch]) -> tuple[float, float]:
+        """Forward/backward every micro-batch, clip, check, step. Returns (loss, grad_norm)."""
+        cfg = self.cfg
+        mode = cfg.training.loss_normalization
+        global_tokens = global_valid_tokens(
+            [mb.labels for mb in microbatches], [mb.document_ids for mb in microbatches]
+        )
+        loss_total = torch.zeros((), device=self.device)
+        for i, mb in enumerate(microbatches):
+            # Reduce-scatter gradients only once, after the last micro-batch.
+            self.model.set_requires_gradient_sync(i == len(microbatches) - 1)
+            loss_sum, n_valid = self.forward_loss_sum(mb)
+            loss = normalize_loss(
+                loss_sum,
+                n_valid,
+                mode,
+                global_tokens=global_tokens,
+                grad_accum_steps=len(microbatches),
+                dp_degree=self.dims.dp_degree,
+            )
+            loss.backward()
+            loss_total += loss.detach()
+            if i == 0:  # test hooks: a crash / preemption notice in the middle of accumulation
+                maybe_crash("accum", self.step, self.rank)
+                maybe_sigterm("accum", self.step, self.rank)
+        if fault_point("nan_loss", self.step, self.rank):
+            loss_total = loss_total + float("nan")
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in params if p.grad is not None], foreach=True
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        # The step's one host sync and one small all-reduce: the loss (for the finiteness check and
+        # the log) and whether any rank got SIGTERM (every rank then stops after this step).
+        stop = torch.full((), 1.0 if self.checkpointer.sigterm_received else 0.0, device=self.device)
+        reduced = torch.stack([loss_total, stop])
+        if dist.is_initialized():
+            dist.all_reduce(reduced)
+            reduced[0] /= self.world_size
+        norm = grad_norm.to(device=reduced.device, dtype=torch.float32)
+        loss_f, stop_f, norm_f = torch.stack([reduced[0], reduced[1], norm]).tolist()
+        self._preempt = stop_f > 0
+        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+            # Every rank sees the same reduced numbers, so every rank stops here together.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"step {self.step}: non-finite loss ({loss_f}) or gradient norm ({norm_f}); "
+                "stopping before the optimizer step"
+            )
+        if cfg.training.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.training.max_norm, grad_norm, foreach=True)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_f, norm_f
+
+    def _step_counts(self, microbatches: list[Batch]) -> dict[str, float]:
+        """Per-rank token/sample/FLOP counts of a step (summed over ranks when logged), from the
+        host copies of its micro-batches."""
+        pad_id = self.tokenizer.pad_id
+        lengths: list[int] = []
+        tiles = image_tokens = tokens = samples = 0
+        for mb in microbatches:
+            lengths += document_lengths(mb.input_ids, pad_id, mb.document_ids)
+            tiles += 0 if mb.pixel_values is None else int(mb.pixel_values.shape[0])
+            image_tokens += mb.num_image_positions
+            samples += sum(len(ids) for ids in mb.sample_ids)
+        tokens = sum(lengths)
+        head_tokens = sum(int(mb.loss_index.shape[0]) for mb in microbatches)
+        flops = step_flops(
+            self.model_args, lengths, tiles, self.cfg.training.trainable, head_tokens=head_tokens
+        ).total
+        return {
+            "tokens": tokens,
+            "image_tokens": image_tokens,
+            "text_tokens": tokens - image_tokens,
+            "samples": samples,
+            "flops": flops,
+        }
+
+    def train(self) -> int:
+        """Runs to the last step (returns 0) or to a SIGTERM (saves, returns PREEMPTED_EXIT_CODE)."""
+        cfg = self.cfg
+        self.model.train()
+        self._data_iter = iter(self.data_loader)
+        logger.info(
+            f"training {self.total_steps} steps: {self.dims.dp_degree} data-parallel ranks x "
+            f"{self.grad_accum} micro-batches x {cfg.training.local_batch_size} rows of "
+            f"<= {cfg.packing_row_len() if cfg.data.packing else cfg.data.max_seq_len} tokens"
+            + (f" (packed, look-ahead {cfg.data.packing_lookahead})" if cfg.data.packing else "")
+        )
+        window = {"tokens": 0.0, "image_tokens": 0.0, "text_tokens": 0.0, "samples": 0.0,
+                  "flops": 0.0, "data_wait_s": 0.0}
+        steps_in_window, t_window = 0, time.perf_counter()
+        while self.step < self.total_steps:
+            self.step += 1
+            microbatches, data_wait = self._next_microbatches()
+            lr = self.lr_scheduler.get_last_lr()[0]
+            loss, grad_norm = self.train_step(microbatches)
+            if self.manifest is not None:
+                ids = [i for mb in microbatches for row in mb.sample_ids for i in row]
+                self.manifest.write(self.step, ids)
+            counts = self._counts
+            self.checkpointer.add_tokens(counts["tokens"])
+            for k, v in counts.items():
+                window[k] += v
+            window["data_wait_s"] += data_wait
+            steps_in_window += 1
+            if self.step % cfg.metrics.log_freq == 0 or self.step == self.total_steps:
+                totals = all_reduce_scalars(window, self.device, op="sum")
+                interval = time.perf_counter() - t_window
+                self.metrics.log(
+                    self.step,
+                    loss=loss,
+                    grad_norm=grad_norm,
+                    lr=lr,
+                    interval_s=interval,
+                    steps_in_interval=steps_in_window,
+                    tokens=int(totals["tokens"]),
+                    text_tokens=int(totals["text_tokens"]),
+                    image_tokens=int(totals["image_tokens"]),
+                    samples=int(totals["samples"]),
+                    flops=totals["flops"],
+                    data_wait_s=totals["data_wait_s"] / self.world_size,
+                    skipped=all_reduce_counts(self.data_loader.skip_counts()),
+                    memory_gib=device_memory_gib(self.device),
+                )
+                window = dict.fromkeys(window, 0.0)
+                steps_in_window, t_window = 0, time.perf_counter()
+            preempted = self._preempt  # all ranks agree: reduced in train_step
+            self.checkpointer.maybe_save(
+                self.step, force=preempted or self.step == self.total_steps
+            )
+            if preempted:
+                self.checkpointer.finish()
+                logger.warning(
+                    f"SIGTERM: checkpoint of step {self.step} saved; exiting with status "
+                    f"{PREEMPTED_EXIT_CODE} (run the same command to resume)"
+                )
+                return PREEMPTED_EXIT_CODE
+        self.checkpointer.finish()
+        logger.info(f"training done: {self.step} steps")
+        return 0
+
+    def close(self) -> None:
+        """Finish pending checkpoint writes, stop the data pipeline's threads, flush metrics."""
+        if hasattr(self, "checkpointer"):
+            self.checkpointer.close()
+        self.data_loader.close()
+        if getattr(self, "manifest", None) is not None:
+            self.manifest.close()
+        self.metrics.close()
