@@ -184,3 +184,12 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     if stage == 2:
         assert r["llm_layers"] == 1 and r["llm_layers_full"] == 2
         assert "REDUCED DEPTH" in proc.stdout and r["full_depth_estimate_samples_per_s"] > 0
+        # By step time: the LLM, clip and optimizer buckets twice as long (2 of 2 layers), the rest as is.
+        deep = bd["llm"] + bd["grad_norm_clip"] + bd["optimizer"]
+        samples = r["samples_per_s"] * elapsed / 2
+        assert r["full_depth_estimate_by_time_samples_per_s"] == pytest.approx(
+            samples / ((1e3 * r["step_time_s"] + deep) / 1e3)
+        )
+        assert "full-depth estimate by step time" in proc.stdout
+    else:
+        assert r["full_depth_estimate_by_time_samples_per_s"] is None
