@@ -124,6 +124,7 @@ def build_trainer(
             "2e-6",
             "--data.group_by_modality_length",
             "true",
+            *(["--data.modality_megabatch", "128"] if a.packing else []),
         ],
     }[a.stage]
     argv = [

@@ -73,6 +73,11 @@ class Data:
     The packer holds about this many processed samples."""
     group_by_modality_length: bool = False
     """Reference LengthGroupedSampler: batches are all-image or all-text, grouped by length."""
+    modality_megabatch: int = -1
+    """group_by_modality_length with packing: samples per single-modality megabatch (the reference's
+    megabatch is its global batch, the samples of one step: 128 in stage 2). Must be set there,
+    since training.global_batch_size counts packed rows; without packing the megabatch is
+    training.global_batch_size, as in the reference, and this stays -1."""
     manifest: bool = False
     """Write <dump_folder>/manifest/rank<r>.jsonl with the sample ids of every step (audit/resume)."""
     max_seq_len: int = 4096

@@ -26,6 +26,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
             f"training.mixed_precision_param is {t.mixed_precision_param!r} (replicated "
             "parameters are used as stored, FSDP's mixed precision does not cast them)"
         )
+    _validate_modality_megabatch(cfg, dp)
     if t.global_batch_size == -1:
         t.global_batch_size = t.local_batch_size * dp
     if t.global_batch_size <= 0 or t.global_batch_size % (t.local_batch_size * dp):
@@ -126,3 +127,27 @@ def validate_paths(cfg: JobConfig) -> None:
         if not exists(path):
             kind = "directory" if exists is os.path.isdir else "file"
             raise ValueError(f"{key}: {kind} {path!r} does not exist")
+
+
+def _validate_modality_megabatch(cfg: JobConfig, dp: int) -> None:
+    d = cfg.data
+    grouped_packing = d.packing and d.group_by_modality_length
+    if d.modality_megabatch == -1:
+        if grouped_packing:
+            raise ValueError(
+                "data.group_by_modality_length with data.packing needs data.modality_megabatch: the "
+                "samples of one single-modality megabatch (the reference's is its global batch, 128 "
+                "in stage 2); training.global_batch_size counts packed rows, not samples"
+            )
+        return
+    if not grouped_packing:
+        raise ValueError(
+            "data.modality_megabatch applies only with data.packing and "
+            "data.group_by_modality_length (without packing the megabatch is "
+            "training.global_batch_size, as in the reference): leave it at -1"
+        )
+    if d.modality_megabatch <= 0 or d.modality_megabatch % dp:
+        raise ValueError(
+            f"data.modality_megabatch ({d.modality_megabatch}) must be a positive multiple of the "
+            f"data-parallel degree ({dp}), so every rank gets the same share of each megabatch"
+        )

@@ -255,3 +255,21 @@ def test_packing_settings_are_part_of_the_resume_fingerprint() -> None:
         make_loader(packing=True, packing_row_len=300)
     with pytest.raises(ValueError, match="packing_lookahead must be >= 1"):
         make_loader(packing=True, packing_lookahead=0)
+
+
+def test_packed_modality_grouping_uses_the_megabatch_in_samples() -> None:
+    with pytest.raises(ValueError, match="data.modality_megabatch"):
+        make_loader(packing=True, group_by_modality_length=True, global_batch_size=4)
+    loader = make_loader(packing=True, group_by_modality_length=True, global_batch_size=4,
+                         modality_megabatch=6)
+    sampler = loader._packer.sampler
+    assert (sampler.batch_size, sampler.global_batch_size) == (1, 6)
+    batch = next(iter(loader))
+    assert batch.input_ids.shape[0] == 2  # still local_batch_size rows
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="modality_megabatch: saved 6, now 8"):
+        make_loader(packing=True, group_by_modality_length=True, global_batch_size=4,
+                    modality_megabatch=8).load_state_dict(state)
+    # Unpacked: the megabatch is the global batch in samples, as in the reference.
+    unpacked = make_loader(group_by_modality_length=True, global_batch_size=4)
+    assert (unpacked._packer.sampler.batch_size, unpacked._packer.sampler.global_batch_size) == (2, 4)

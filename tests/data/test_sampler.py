@@ -148,6 +148,26 @@ def test_modality_grouped_batches_are_single_modality() -> None:
     assert lengths[per_rank[0][0]].min() >= 0 or lengths[per_rank[0][0]].max() <= 0
 
 
+def test_packed_grouping_deals_single_modality_megabatches_one_sample_at_a_time() -> None:
+    """What the loader asks for under packing (batch_size 1, megabatch M samples): every rank gets
+    M / world samples of each megabatch, and each megabatch but the merged leftover is one modality."""
+    rng = np.random.default_rng(2)
+    lengths = np.where(rng.random(203) < 0.85, 1, -1) * rng.integers(1, 500, 203)
+    mega, world = 8, 2
+    per_rank = [
+        DistributedSampleSampler(203, dp_rank=r, dp_world_size=world, seed=5, modality_lengths=lengths,
+                                 batch_size=1, global_batch_size=mega).epoch_indices(0)
+        for r in range(world)
+    ]
+    assert len(per_rank[0]) == len(per_rank[1]) == 102  # 203 wrapped to 204
+    interleaved = np.stack(per_rank, axis=1).reshape(-1)  # the global order, back again
+    megabatches = interleaved[: 203 // mega * mega].reshape(-1, mega)
+    modalities = [set(np.sign(lengths[m]).tolist()) for m in megabatches]
+    # Whole megabatches come first: all but the last two (the leftover merges two partial ones).
+    assert all(len(m) == 1 for m in modalities[:-2])
+    assert {-1} in modalities and {1} in modalities
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="dp_rank"):
         DistributedSampleSampler(5, dp_rank=2, dp_world_size=2)

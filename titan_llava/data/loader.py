@@ -166,6 +166,7 @@ def build_data_loader(
     seed: int = 0,
     group_by_modality_length: bool = False,
     global_batch_size: int | None = None,
+    modality_megabatch: int | None = None,
     image_aspect_ratio: str = "anyres",
     grid_pinpoints: Sequence[Sequence[int]] | None = None,
     image_size: int = 336,
@@ -183,7 +184,9 @@ def build_data_loader(
 
     `image_size`/`patch_size`: the vision tower's tile and patch (token counts depend on them).
     `global_batch_size` (samples per optimizer step over all ranks) sets the modality-grouping
-    megabatch, as the reference does; default local_batch_size * dp_world_size. `num_workers` 0
+    megabatch, as the reference does; default local_batch_size * dp_world_size. With packing,
+    rows are not samples: `modality_megabatch` (samples) sets it instead, dealt one sample at a
+    time round-robin to the ranks. `num_workers` 0
     processes samples in the loader's thread; otherwise in threads (default) or processes.
     `dataset` reuses an already built index of `path`. Packing: rows of up to `packing_row_len`
     tokens (default max_seq_len; samples are truncated at max_seq_len either way) planned with a
@@ -213,6 +216,12 @@ def build_data_loader(
         patch_size=patch_size,
     )
     processor = SampleProcessor(dataset, tokenizer, config)
+    grouped_packing = packing and group_by_modality_length
+    if grouped_packing and not modality_megabatch:
+        raise ValueError(
+            "data.group_by_modality_length with data.packing needs data.modality_megabatch "
+            "(samples per megabatch)"
+        )
     sampler = DistributedSampleSampler(
         len(dataset),
         dp_rank=dp_rank,
@@ -220,8 +229,9 @@ def build_data_loader(
         shuffle=shuffle,
         seed=seed,
         modality_lengths=dataset.modality_lengths if group_by_modality_length else None,
-        batch_size=local_batch_size,
-        global_batch_size=global_batch_size,
+        # Packed rows hold a varying number of samples: the grouping is in samples.
+        batch_size=1 if grouped_packing else local_batch_size,
+        global_batch_size=modality_megabatch if grouped_packing else global_batch_size,
     )
     node: BaseNode = ParallelMapper(
         sampler, processor, num_workers=num_workers, in_order=True, method=worker_method
@@ -248,6 +258,8 @@ def build_data_loader(
         "shuffle": shuffle,
         "group_by_modality_length": group_by_modality_length,
         "global_batch_size": sampler.global_batch_size,
+        # None unless grouped packing, so the key cannot block other runs saved before it existed.
+        "modality_megabatch": modality_megabatch if grouped_packing else None,
         "local_batch_size": local_batch_size,
         "packing": packing,
         # Only packing reads it; None otherwise so the setting cannot block an unpacked resume.
