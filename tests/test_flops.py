@@ -38,8 +38,13 @@ def test_llm_hand_count():
     assert llm_flops(a, docs, trainable=True, needs_input_grad=True) == 3 * 6240 + 3 * 288
     assert llm_flops(a, docs, False, False, causal_halved=False) == 6240 + 416
     assert llm_flops(a, [], True, True) == 0.0
-    # The head on 2 positions only (the trainer's logits at loss positions): 2*(5*544 + 2*80).
-    assert llm_flops(a, docs, False, False, head_tokens=2) == 5760 + 288
+    # The head on 2 positions only (the trainer's logits at loss positions), and with it the last
+    # (here the only) block after attention: wq, wk, wv (3*64) at all 5 tokens, wo + ffn
+    # (64 + 288) and the head (80) at 2: 2*(5*192 + 2*(352 + 80)) = 3648.
+    assert llm_flops(a, docs, False, False, head_tokens=2) == 3648 + 288
+    two = VicunaArgs(dim=8, n_layers=2, n_heads=2, vocab_size=10, hidden_dim=12, max_seq_len=16)
+    # A second block runs in full: + 2*5*544.
+    assert llm_flops(two, docs, False, False, head_tokens=2) == 3648 + 5440 + 2 * 288
 
 
 def test_vision_and_projector_hand_count():

@@ -47,10 +47,14 @@ def _mult(weights_trainable: bool, needs_input_grad: bool) -> int:
 
 def llm_matmul_params(a: VicunaArgs) -> tuple[int, int]:
     """(matmul parameters of one block, of the output head)."""
-    kv_dim = a.kv_heads * a.head_dim
-    attn = a.dim * a.dim * 2 + a.dim * kv_dim * 2  # wq, wo, wk, wv
-    ffn = 3 * a.dim * a.hidden_dim  # w1, w2, w3
-    return attn + ffn, a.dim * a.vocab_size
+    block = llm_qkv_params(a) + a.dim * a.dim + 3 * a.dim * a.hidden_dim  # + wo, w1, w2, w3
+    return block, a.dim * a.vocab_size
+
+
+def llm_qkv_params(a: VicunaArgs) -> int:
+    """wq, wk, wv of one block: the part of the last block that runs on every position when the
+    head runs on some only (the rest of that block runs on the head's positions)."""
+    return a.dim * a.dim + 2 * a.dim * a.kv_heads * a.head_dim
 
 
 def llm_flops(
@@ -62,14 +66,19 @@ def llm_flops(
     head_tokens: int | None = None,
 ) -> float:
     """LLM FLOPs over documents of the given lengths (tokens incl. image tokens). `head_tokens`:
-    positions the output head runs on (the trainer: only those with a target); None = all."""
+    positions the output head runs on (the trainer: only those with a target), and with it the
+    last block after its attention; None = all."""
     tokens = sum(doc_lengths)
     if tokens == 0:
         return 0.0
     block_params, head_params = llm_matmul_params(a)
     backward = trainable or needs_input_grad
     head = tokens if head_tokens is None else head_tokens
-    weights = 2 * (tokens * a.n_layers * block_params + head * head_params) * _mult(trainable, needs_input_grad)
+    qkv = llm_qkv_params(a)
+    # Every block at every position, but the last block's wo and feed-forward at the head's only.
+    per_token = tokens * ((a.n_layers - 1) * block_params + qkv)
+    per_head = head * (block_params - qkv + head_params)
+    weights = 2 * (per_token + per_head) * _mult(trainable, needs_input_grad)
     if causal_halved:
         pairs = sum(n * (n + 1) // 2 for n in doc_lengths)
     else:

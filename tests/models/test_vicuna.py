@@ -79,6 +79,40 @@ def test_logits_at_selected_positions_match_llama() -> None:
     assert (got - ref).abs().max().item() <= 1e-4
 
 
+def test_gradients_at_selected_positions_match_llama() -> None:
+    """With output_index the last block runs after attention on those rows only: the loss and
+    every gradient still match transformers' full model indexed at the same positions (the
+    embeddings', a first-block weight's, and the last block's partly skipped weights)."""
+    args = VicunaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=172,
+                      max_seq_len=256)
+    ours, hf = _pair(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 30))
+    index = torch.tensor([3, 7, 29, 31, 45, 59])
+    targets = torch.randint(0, args.vocab_size, (6,))
+    ours_loss = torch.nn.functional.cross_entropy(ours(tokens, output_index=index), targets)
+    hf_logits = hf(input_ids=tokens).logits.flatten(0, 1)[index]
+    hf_loss = torch.nn.functional.cross_entropy(hf_logits, targets)
+    ours_loss.backward()
+    hf_loss.backward()
+    assert abs(ours_loss.item() - hf_loss.item()) <= 1e-5
+    hf_params = dict(hf.named_parameters())
+    pairs = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "layers.0.attention.wq.weight": "model.layers.0.self_attn.q_proj.weight",
+        "layers.1.attention.wq.weight": "model.layers.1.self_attn.q_proj.weight",
+        "layers.1.attention.wk.weight": "model.layers.1.self_attn.k_proj.weight",
+        "layers.1.attention.wo.weight": "model.layers.1.self_attn.o_proj.weight",
+        "layers.1.feed_forward.w2.weight": "model.layers.1.mlp.down_proj.weight",
+        "layers.1.ffn_norm.weight": "model.layers.1.post_attention_layernorm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    ours_params = dict(ours.named_parameters())
+    for mine, theirs in pairs.items():
+        g, ref = ours_params[mine].grad, hf_params[theirs].grad
+        assert ref.abs().max() > 0, theirs
+        assert (g - ref).abs().max().item() <= 1e-5, mine
+
+
 def test_forward_argument_errors() -> None:
     ours = Vicuna(VicunaArgs(dim=32, n_layers=1, n_heads=2, vocab_size=16, hidden_dim=32))
     with pytest.raises(ValueError, match="exactly one"):

@@ -69,14 +69,26 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x_BSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, mask: AttentionMask) -> Tensor:
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_BSD: Tensor,
+        sin_BSD: Tensor,
+        mask: AttentionMask,
+        output_index: Tensor | None = None,
+    ) -> Tensor:
+        """[B, S, D]; with `output_index` (flat indices into B * S) [N, D] at those positions only:
+        every position still attends, the output projection runs on the N rows alone."""
         b, s, _ = x_BSD.shape
         q = self.wq(x_BSD).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x_BSD).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BSD).view(b, s, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos_BSD, sin_BSD), apply_rope(k, cos_BSD, sin_BSD)
         out_BSHD = causal_attention(q, k, v, mask, self.attn_backend, gqa=self.gqa)
-        return self.wo(out_BSHD.reshape(b, s, -1))
+        out = out_BSHD.reshape(b, s, -1)
+        if output_index is not None:
+            out = out.flatten(0, 1).index_select(0, output_index)
+        return self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -100,8 +112,21 @@ class VicunaBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, h_BSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, mask: AttentionMask) -> Tensor:
-        h_BSD = h_BSD + self.attention(self.attention_norm(h_BSD), cos_BSD, sin_BSD, mask)
+    def forward(
+        self,
+        h_BSD: Tensor,
+        cos_BSD: Tensor,
+        sin_BSD: Tensor,
+        mask: AttentionMask,
+        output_index: Tensor | None = None,
+    ) -> Tensor:
+        """[B, S, D]; with `output_index`, [N, D] at those flat positions only (the last block when
+        only some positions reach the head: after attention every row is independent, so the
+        output projection, residual and feed-forward skip the others)."""
+        a = self.attention(self.attention_norm(h_BSD), cos_BSD, sin_BSD, mask, output_index)
+        if output_index is not None:
+            h_BSD = h_BSD.flatten(0, 1).index_select(0, output_index)
+        h_BSD = h_BSD + a
         return h_BSD + self.feed_forward(self.ffn_norm(h_BSD))
 
     def init_weights(self, std: float) -> None:
@@ -154,7 +179,7 @@ class Vicuna(nn.Module):
     ) -> Tensor:
         """Logits [B, S, V] from token ids [B, S] or input embeddings `h_BSD` (exactly one); with
         `output_index` (flat indices into the B * S positions) logits [N, V] at those positions
-        only: the final norm and the head run on nothing else.
+        only: the last block after its attention, the final norm and the head run on nothing else.
 
         positions: RoPE position per token (default arange; packed rows restart at 0 per document);
         document_ids: packed-row document index per token (attention stays within a document);
@@ -180,9 +205,11 @@ class Vicuna(nn.Module):
             gqa=self.args.kv_heads != self.args.n_heads,
             document_bounds=document_bounds,
         )
-        for layer in self.layers.values():
+        *layers, last = self.layers.values()
+        for layer in layers:
             h_BSD = layer(h_BSD, cos_BSD, sin_BSD, mask)
-        if output_index is not None:
-            h_ND = h_BSD.flatten(0, 1).index_select(0, output_index)
-            return self.output(self.norm(h_ND))
-        return self.output(self.norm(h_BSD))
+        if output_index is None:
+            return self.output(self.norm(last(h_BSD, cos_BSD, sin_BSD, mask)))
+        # Only the attention of the last block needs every position.
+        h_ND = last(h_BSD, cos_BSD, sin_BSD, mask, output_index)
+        return self.output(self.norm(h_ND))
