@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="--no-torch-varlen: packed rows on CUDA use sdpa's dense mask (the pre-varlen baseline)",
     )
     p.add_argument(
+        "--trim-last-block",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-trim-last-block: the last LLM block runs on every position, its output indexed "
+        "afterwards (the behaviour before the trim; MFU then undercounts what runs)",
+    )
+    p.add_argument(
         "--sync-debug",
         action="store_true",
         help="CUDA: count the host syncs of the measured steps and where they happen "
@@ -180,6 +187,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     )
     device = trainer.device
     full_args = LLAVA_FLAVORS[a.flavor]
+    if not a.trim_last_block:
+        untrim_last_block(trainer.model.language_model)
     marks = StepMarks(device)
     install_probes(trainer, marks)
     counts: list[dict[str, float]] = []
@@ -293,6 +302,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "packing": a.packing,
         "ac": a.ac,
         "compile": a.compile,
+        "trim_last_block": a.trim_last_block,
         "attn_backend": trainer.cfg.model.attn_backend,
         # What the LLM's packed rows ran on (activations are bf16 on CUDA, fp32 on CPU).
         "torch_varlen": a.packing
@@ -335,6 +345,19 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     return res
 
 
+def untrim_last_block(llm: torch.nn.Module) -> None:
+    """Make the LLM's last block run on every position and index its output afterwards (the
+    before of the last-block trim), around whatever forward it has (compiled, checkpointed)."""
+    last = list(llm.layers.values())[-1]
+    inner = last.forward
+
+    def full_last_block(h, cos, sin, mask, output_index=None):
+        out = inner(h, cos, sin, mask)
+        return out if output_index is None else out.flatten(0, 1).index_select(0, output_index)
+
+    last.forward = full_last_block
+
+
 def depth_scaled_rate(samples_per_s: float, step_s: float, breakdown_ms: dict, scale: float) -> float:
     """samples/s if the LLM were `scale` times deeper: the step's LLM, grad-norm and optimizer time
     (which grow with the LLM's blocks; the LLM bucket's projector, embedding and head do not, so
@@ -360,7 +383,7 @@ def report(r: dict) -> str:
         (
             f"config: {r['local_batch_size']} rows x {r['grad_accum']} micro-batches of "
             f"<= {r['seq_len']} tokens, packing {r['packing']}, AC {r['ac']}, "
-            f"compile {r['compile']}, attention {r['attn_backend']} (packed rows on torch varlen: {r['torch_varlen']}), "
+            f"compile {r['compile']}, last LLM block trimmed {r['trim_last_block']}, attention {r['attn_backend']} (packed rows on torch varlen: {r['torch_varlen']}), "
             f"{r['num_workers']} data workers"
         ),
         (

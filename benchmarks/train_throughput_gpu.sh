@@ -11,8 +11,8 @@
 # PLAN=round4: round 3's lost runs after the compile and device-assert fixes.
 # PLAN=round5: after the host-sync removals (sync count, best configs, SAC + compile, unpacked stage 2).
 # PLAN=round6: round 5's checks, kernel profiles (--profile) of the best stage-1 and stage-2 configs,
-# stage 1 with parallelism.replicate_frozen (on one GPU: no FSDP copies of the frozen parts) and
-# stage 2 without AC.
+# the last-block trim (--no-trim-last-block = before), stage 1 with parallelism.replicate_frozen (on
+# one GPU: no FSDP copies of the frozen parts) and stage 2 without AC.
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -102,20 +102,20 @@ round5)  # after the host-sync removals: the sync count (expect 1 per step + the
   run s2_pack8k_sacop 100 $S2 --local-batch-size 1 --data.packing_row_len 8192 --ac selective
   run s2_nopack 160 $S2 --local-batch-size 2 --no-packing
   ;;
-round6)  # round 5's checks, stage 1 with replicate_frozen, stage 2 without AC (does the step
+round6)  # the last-block trim, stage 1 with replicate_frozen, stage 2 without AC (does the step
   # fit, what it buys), and where the device time goes (kernel profiles; not figures). Ordered by
   # priority: compiled stage-2 runs take ~90 s each, compiled stage-1 ~45 s, later runs reuse the cache
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384"
   run s1_pack16k_noac_compile 90 $S1 $P1 --ac none --compile
+  run s1_pack16k_noac_compile_untrim 75 $S1 $P1 --ac none --compile --no-trim-last-block
   run s1_pack16k_noac_compile_repl 75 $S1 $P1 --ac none --compile --parallelism.replicate_frozen true
   run s2_pack8k_sacop 120 $S2 --ac selective
   run s2_pack8k_noac 120 $S2 --ac none
   run s1_pack16k_noac_compile_prof 75 --stage 1 --steps 2 $P1 --ac none --compile --profile "$OUT/prof_s1"
   run s2_pack8k_sacop_prof 100 $S2 --steps 2 --ac selective --profile "$OUT/prof_s2"
   run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
-  run s1_pack16k_sacop_compile 90 $S1 $P1 --ac selective --compile
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
   S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"

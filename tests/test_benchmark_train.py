@@ -131,7 +131,8 @@ def test_kernel_summary_per_step_and_device_events_only():
 
 
 @pytest.mark.parametrize(
-    "stage,extra", [(1, []), (2, ["--llm-layers", "1", "--profile", "prof"])]
+    "stage,extra",
+    [(1, ["--no-trim-last-block"]), (2, ["--llm-layers", "1", "--profile", "prof"])],
 )
 def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     out_json = tmp_path / "r.json"
@@ -181,6 +182,7 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert (tmp_path / "prof" / "trace.json.gz").stat().st_size > 0
     else:
         assert not r["profiled"] and r["kernel_profile"] is None
+    assert r["trim_last_block"] == (stage == 2)
     if stage == 2:
         assert r["llm_layers"] == 1 and r["llm_layers_full"] == 2
         assert "REDUCED DEPTH" in proc.stdout and r["full_depth_estimate_samples_per_s"] > 0
