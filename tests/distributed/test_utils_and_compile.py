@@ -94,7 +94,8 @@ def test_compiled_vision_and_llm_blocks_trace_whole_and_match_eager():
     """Per-block compile + full AC on both towers: every block traces as ONE graph (fullgraph; a
     break inside the checkpointed forward once left whole blocks eager without a word), vision
     and LLM blocks keep separate compile caches, and the result matches eager for images of
-    several tile counts and a text-only (stand-in tile) batch."""
+    several tile counts, logits at some positions only (trimmed last block), and a text-only
+    (stand-in tile) batch."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
@@ -120,6 +121,17 @@ def test_compiled_vision_and_llm_blocks_trace_whole_and_match_eager():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         out.float().pow(2).mean().backward()
         ref.float().pow(2).mean().backward()
+    # Logits at some positions only (the trainer's path: the last block is trimmed after attention):
+    # one more graph for the LLM block class (output_index given), whatever the number of positions.
+    llm_code = type(model.language_model.layers["0"]).forward.__code__
+    before = len(_debug_get_cache_entry_list(llm_code))
+    for index in (torch.tensor([0, 4, ids.numel() - 1]), torch.tensor([1, 2, 3, 5, 8])):
+        out = model(ids, pixels, sizes, output_index=index)
+        ref = eager(ids, pixels, sizes, output_index=index)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        out.float().pow(2).mean().backward()
+        ref.float().pow(2).mean().backward()
+    assert len(_debug_get_cache_entry_list(llm_code)) == before + 1
     ids = torch.randint(1, 500, (2, 11))
     stand_in = torch.zeros(1, 3, tile, tile)
     out = model(ids, stand_in, vision_keepalive=True)
@@ -131,8 +143,9 @@ def test_compiled_vision_and_llm_blocks_trace_whole_and_match_eager():
     assert vision_cls.forward.__code__ is not llm_cls.forward.__code__
     for cls in (vision_cls, llm_cls):
         entries = _debug_get_cache_entry_list(cls.forward.__code__)
-        # Compiled (at least one entry), and few recompiles for 5 shapes (dynamic shapes).
-        assert 1 <= len(entries) <= 3, (cls.__name__, len(entries))
+        # Compiled (at least one entry), and few recompiles for 5 shapes (dynamic shapes); the LLM
+        # blocks have one more graph, for the trimmed last block.
+        assert 1 <= len(entries) <= (3 if cls is vision_cls else 4), (cls.__name__, len(entries))
     grads = dict(eager.named_parameters())
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=n)
