@@ -1,8 +1,8 @@
 """Apply parallelism to LlavaNext from the outside, in a fixed order: freeze (frozen parameters
-stored in their compute dtype) -> activation
-checkpointing -> per-block torch.compile -> FSDP2 per block -> FSDP2 on the remaining parts and
-the root (parts that do not train may instead stay whole on every rank: replicate_frozen). Every wrapper acts in place (class swap or instance attribute), so parameter names and
-state_dict keys never change.
+stored in their compute dtype) -> activation checkpointing -> per-block torch.compile -> FSDP2 per
+block -> FSDP2 on the remaining parts and the root (parts that do not train may instead stay whole
+on every rank: replicate_frozen). Every wrapper acts in place (class swap or instance attribute),
+so parameter names and state_dict keys never change.
 """
 
 from __future__ import annotations
