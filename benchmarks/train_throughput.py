@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernel_profile import StepProfiler
+from throughput_report import depth_scaled_rate, report
 from step_marks import StepMarks, install_probes
 from synthetic_data import TOKENIZER_PATH, write_dataset
 
@@ -356,82 +357,6 @@ def untrim_last_block(llm: torch.nn.Module) -> None:
         return out if output_index is None else out.flatten(0, 1).index_select(0, output_index)
 
     last.forward = full_last_block
-
-
-def depth_scaled_rate(samples_per_s: float, step_s: float, breakdown_ms: dict, scale: float) -> float:
-    """samples/s if the LLM were `scale` times deeper: the step's LLM, grad-norm and optimizer time
-    (which grow with the LLM's blocks; the LLM bucket's projector, embedding and head do not, so
-    this errs low) times `scale`; vision tower, data wait and other host time unchanged."""
-    deep = ("llm", "grad_norm_clip", "optimizer")
-    ms = sum(v * (scale if k in deep else 1.0) for k, v in breakdown_ms.items())
-    return samples_per_s * step_s / (ms / 1e3)
-
-
-def report(r: dict) -> str:
-    s = r["synthetic"]
-    reduced = r["llm_layers"] != r["llm_layers_full"]
-    depth = f"{r['llm_layers']} of {r['llm_layers_full']} LLM layers" + (
-        " (REDUCED DEPTH: real width, fewer blocks)" if reduced else ""
-    )
-    lines = [
-        f"== titan_llava train throughput, stage {r['stage']} ==",
-        f"device: {r['device']} (torch {r['torch']}); figures per GPU (one process)",
-        (
-            f"model: {r['flavor']}: {depth}, {r['vision_layers_built']} CLIP layers; "
-            f"trainable {r['trainable']}; random weights"
-        ),
-        (
-            f"config: {r['local_batch_size']} rows x {r['grad_accum']} micro-batches of "
-            f"<= {r['seq_len']} tokens, packing {r['packing']}, AC {r['ac']}, "
-            f"compile {r['compile']}, last LLM block trimmed {r['trim_last_block']}, attention {r['attn_backend']} (packed rows on torch varlen: {r['torch_varlen']}), "
-            f"{r['num_workers']} data workers"
-        ),
-        (
-            f"data: synthetic, {s['samples']} samples, {s['text_only']} text-only; per image "
-            f"{s['mean_tiles']:.2f} tiles, {s['mean_image_tokens']:.0f} image tokens; "
-            f"{s['mean_text_tokens']:.0f} text tokens/sample (shipped tiny tokenizer, "
-            "vocab 1000: ids are synthetic)"
-        ),
-        (
-            f"steps: {r['warmup_steps']} warm-up + {r['measured_steps']} measured, "
-            f"step time {r['step_time_s']:.3f} s"
-        ),
-        f"samples/s/GPU: {r['samples_per_s']:.3f}",
-        f"text tokens/s/GPU: {r['text_tokens_per_s']:,.0f}",
-        f"image tokens/s/GPU: {r['image_tokens_per_s']:,.0f}",
-        f"tokens/s/GPU: {r['tokens_per_s']:,.0f} (padding {100 * r['padding_fraction']:.1f}% of row slots)",
-        f"model TFLOP/sample: {r['tflop_per_sample']:.2f}; TFLOP/s/GPU: {r['tflops_per_s']:.2f}",
-        "MFU: "
-        + (
-            f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense"
-            if r["mfu"] is not None
-            else "n/a (no bf16 peak for this device)"
-        ),
-    ]
-    total = sum(r["breakdown_ms"].values())
-    parts = [f"{k} {v:.1f} ms ({100 * v / total:.1f}%)" for k, v in r["breakdown_ms"].items()]
-    lines.append("step breakdown: " + ", ".join(parts))
-    mem = r["peak_memory_gib"]
-    lines.append("peak memory: " + (f"{mem:.2f} GiB" if mem is not None else "n/a (CPU)"))
-    lines.append(
-        f"ratio to reference: {r['ratio_to_reference']:.2f}x "
-        f"(reference {r['reference_samples_per_s']} samples/s/GPU on H100)"
-    )
-    if r["profiled"]:
-        lines.append("PROFILED run: the figures above include the profiler's overhead")
-    if r["full_depth_estimate_samples_per_s"] is not None:
-        est = r["full_depth_estimate_samples_per_s"]
-        lines.append(
-            f"full-depth estimate at the same MFU: {est:.3f} samples/s/GPU, "
-            f"{est / r['reference_samples_per_s']:.2f}x reference (estimate, not measured)"
-        )
-        est = r["full_depth_estimate_by_time_samples_per_s"]
-        lines.append(
-            f"full-depth estimate by step time (LLM, clip and optimizer time x "
-            f"{r['llm_layers_full']}/{r['llm_layers']}, vision and data unchanged): {est:.3f} "
-            f"samples/s/GPU, {est / r['reference_samples_per_s']:.2f}x reference (estimate, not measured)"
-        )
-    return "\n".join(lines)
 
 
 def _sync_site() -> str:
