@@ -47,6 +47,7 @@ class KernelSummary:
     categories: dict[str, float] = field(default_factory=dict)  # ms per step
     top: list[dict] = field(default_factory=list)  # name, category, ms_per_step, calls_per_step
     trace: str | None = None
+    busy_ms_per_step: float | None = None  # CUDA: time any kernel/copy runs (the union of them)
 
     @property
     def total_ms_per_step(self) -> float:
@@ -64,6 +65,12 @@ class KernelSummary:
             f"{100 * self.total_ms_per_step / max(self.wall_ms_per_step, 1e-9):.1f}% of the "
             f"{self.wall_ms_per_step:.1f} ms step (streams and threads may overlap)"
         )
+        if self.busy_ms_per_step is not None:
+            busy = 100 * self.busy_ms_per_step / max(self.wall_ms_per_step, 1e-9)
+            lines.append(
+                f"  device busy (any kernel or copy running) {self.busy_ms_per_step:.2f} ms = "
+                f"{busy:.1f}% of the step; idle {100 - busy:.1f}% (waiting on the host)"
+            )
         lines.append(f"top {min(top_n, len(self.top))} by time: ms/step, calls/step, category, name")
         for k in self.top[:top_n]:
             name = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
@@ -78,6 +85,7 @@ class KernelSummary:
             "steps": self.steps,
             "wall_ms_per_step": self.wall_ms_per_step,
             "total_ms_per_step": self.total_ms_per_step,
+            "busy_ms_per_step": self.busy_ms_per_step,
             "categories_ms_per_step": self.categories,
             "top": self.top if top_n is None else self.top[:top_n],
             "trace": self.trace,
@@ -104,12 +112,33 @@ class StepProfiler:
         self.prof.stop()
         os.makedirs(self.out_dir, exist_ok=True)
         summary = summarise(self.prof.key_averages(), self.cuda, steps, wall_s)
+        if self.cuda:
+            spans = [
+                (e.time_range.start, e.time_range.end)
+                for e in self.prof.events()
+                if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+                and getattr(e, "time_range", None) is not None
+            ]
+            # None, not 0, if this torch lists no device events (no "100% idle" from missing data).
+            summary.busy_ms_per_step = union_length(spans) / 1e3 / steps if spans else None
         if trace:
             summary.trace = os.path.join(self.out_dir, "trace.json.gz")
             self.prof.export_chrome_trace(summary.trace)
         with open(os.path.join(self.out_dir, "kernel_profile.json"), "w") as f:
             json.dump(summary.to_json(), f, indent=1)
         return summary
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by possibly overlapping [start, end) spans (kernels on several streams
+    overlap: their sum overstates how long the device is busy)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
 
 
 def summarise(averages, cuda: bool, steps: int, wall_s: float) -> KernelSummary:

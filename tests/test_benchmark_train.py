@@ -14,7 +14,7 @@ from PIL import Image
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from kernel_profile import category, summarise
+from kernel_profile import category, summarise, union_length
 from step_marks import StepMarks
 from synthetic_data import write_dataset
 
@@ -103,6 +103,13 @@ def test_breakdown_charges_segments():
 )
 def test_kernel_categories(name, expected):
     assert category(name) == expected
+
+
+def test_device_busy_time_is_the_union_of_kernel_spans():
+    # Overlapping (two streams), nested, touching and disjoint spans.
+    spans = [(10, 20), (15, 30), (16, 18), (30, 35), (50, 60), (0, 5)]
+    assert union_length(spans) == 5 + 25 + 10
+    assert union_length([]) == 0
 
 
 class _Evt:
