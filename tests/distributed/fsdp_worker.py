@@ -34,6 +34,10 @@ VARIANTS = {
                                 "full", "--parallelism.replicate_frozen", "true"],
     "hsdp": ["--parallelism.data_parallel_replicate_degree", "2",
              "--parallelism.data_parallel_shard_degree", "1"],
+    "hsdp_stage1_replicate_frozen": ["--parallelism.data_parallel_replicate_degree", "2",
+                                     "--parallelism.data_parallel_shard_degree", "1",
+                                     "--training.trainable", "projector",
+                                     "--parallelism.replicate_frozen", "true"],
     # Per-block compile (fullgraph) under FSDP2, both towers, with and without trainable vision.
     "fsdp_compile_ac_full": ["--compile.enable", "--compile.components", "llm,vision",
                              "--activation_checkpoint.mode", "full"],
@@ -138,7 +142,7 @@ def run_variant(name, extra, rank, world, batch):
     out["grad_presence_ok"] = grad_presence_ok
     out["frozen_ok"] = all(
         p.requires_grad
-        == (pname.startswith(("projector.", "image_newline")) or not name.startswith("stage1"))
+        == (pname.startswith(("projector.", "image_newline")) or "llm" in cfg.training.trainable)
         for pname, p in model.named_parameters()
     )
     # Clip + one AdamW step on both; compare the updated parameters.

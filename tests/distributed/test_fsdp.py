@@ -36,11 +36,13 @@ def results(tmp_path_factory):
 
 
 VARIANTS = ["fsdp", "fsdp_ac_full", "fsdp_ac_op", "fsdp_ac_every2", "stage1", "hsdp",
-            "fsdp_compile_ac_full", "stage1_compile", "stage1_replicate_frozen"]
+            "fsdp_compile_ac_full", "stage1_compile", "stage1_replicate_frozen",
+            "hsdp_stage1_replicate_frozen"]
 # Compiled blocks recompute inside the compiled backward (no Python hook runs): not counted.
 NORM_CALLS = {"fsdp": [1, 1], "hsdp": [1, 1], "fsdp_ac_full": [2, 2], "fsdp_ac_op": [2, 2],
               "fsdp_ac_every2": [2, 1], "stage1": [2, 2], "fsdp_compile_ac_full": None,
-              "stage1_compile": None, "stage1_replicate_frozen": [2, 2]}
+              "stage1_compile": None, "stage1_replicate_frozen": [2, 2],
+              "hsdp_stage1_replicate_frozen": [1, 1]}
 
 
 @pytest.mark.slow
@@ -61,7 +63,8 @@ def test_sharded_matches_single_process(results, variant):
 
 @pytest.mark.slow
 def test_stage1_only_projector_has_state(results):
-    for variant in ("stage1", "stage1_compile", "stage1_replicate_frozen"):
+    for variant in ("stage1", "stage1_compile", "stage1_replicate_frozen",
+                    "hsdp_stage1_replicate_frozen"):
         assert results[variant]["state_params"] == 5  # linear_1/2 weight+bias, image_newline
 
 
