@@ -12,7 +12,8 @@
 # PLAN=round5: after the host-sync removals (sync count, best configs, SAC + compile, unpacked stage 2).
 # PLAN=round6: round 5's checks, kernel profiles (--profile) of the best stage-1 and stage-2 configs,
 # the last-block trim (--no-trim-last-block = before), stage 1 with parallelism.replicate_frozen (on
-# one GPU: no FSDP copies of the frozen parts) and stage 2 without AC.
+# one GPU: no FSDP copies and hooks for the frozen parts), stage 2 with the vision tower as one FSDP
+# unit, and stage 2 without AC.
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -112,9 +113,10 @@ round6)  # the last-block trim, stage 1 with replicate_frozen, stage 2 without A
   run s1_pack16k_noac_compile_untrim 75 $S1 $P1 --ac none --compile --no-trim-last-block
   run s1_pack16k_noac_compile_repl 75 $S1 $P1 --ac none --compile --parallelism.replicate_frozen true
   run s2_pack8k_sacop 120 $S2 --ac selective
+  run s2_pack8k_sacop_visiontower 100 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   run s2_pack8k_noac 120 $S2 --ac none
-  run s1_pack16k_noac_compile_prof 75 --stage 1 --steps 2 $P1 --ac none --compile --profile "$OUT/prof_s1"
   run s2_pack8k_sacop_prof 100 $S2 --steps 2 --ac selective --profile "$OUT/prof_s2"
+  run s1_pack16k_noac_compile_prof 75 --stage 1 --steps 2 $P1 --ac none --compile --profile "$OUT/prof_s1"
   run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)

@@ -166,6 +166,11 @@ class Parallelism:
     """HSDP replicas (each holds a full copy split over its shard group); 1 = plain FSDP."""
     data_parallel_shard_degree: int = -1
     """FSDP shard-group size; -1 = world size / replicate degree."""
+    fsdp_vision_unit: Literal["block", "tower"] = "block"
+    """How FSDP wraps the vision tower: "block" (each CLIP layer its own unit, like the LLM's
+    blocks) or "tower" (the whole tower one unit: one all-gather of its ~0.6 GB of bf16 weights
+    and one gradient reduce-scatter instead of 23 of each, and 22 fewer sets of FSDP hooks per
+    forward and backward; the tower's per-layer work at LLaVA-NeXT's tile counts is small)."""
     replicate_frozen: bool = False
     """Keep the parts that do not train (stage 1: Vicuna and CLIP) whole on every rank instead of
     sharding them. They have no gradients and no optimizer state, so sharding only saves their

@@ -9,6 +9,7 @@ import json
 import sys
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from titan_llava.config import load_config
@@ -34,6 +35,9 @@ VARIANTS = {
                                 "full", "--parallelism.replicate_frozen", "true"],
     "hsdp": ["--parallelism.data_parallel_replicate_degree", "2",
              "--parallelism.data_parallel_shard_degree", "1"],
+    # The vision tower as one FSDP unit (its blocks not units of their own), everything trains.
+    "fsdp_vision_tower_unit": ["--parallelism.fsdp_vision_unit", "tower",
+                               "--activation_checkpoint.mode", "full"],
     "hsdp_stage1_replicate_frozen": ["--parallelism.data_parallel_replicate_degree", "2",
                                      "--parallelism.data_parallel_shard_degree", "1",
                                      "--training.trainable", "projector",
@@ -99,6 +103,9 @@ def run_variant(name, extra, rank, world, batch):
     out = {
         "names_unchanged": [n for n, _ in model.named_parameters()] == names,
         "keys_unchanged": list(model.state_dict().keys()) == keys,
+        "vision_block_units": sum(
+            isinstance(b, FSDPModule) for b in model.vision_tower.layers.values()
+        ),
         # Sharded (DTensor) exactly where the parameter trains, or everywhere without replication.
         "sharding_ok": all(
             isinstance(p, DTensor) == (p.requires_grad or not cfg.parallelism.replicate_frozen)

@@ -37,12 +37,12 @@ def results(tmp_path_factory):
 
 VARIANTS = ["fsdp", "fsdp_ac_full", "fsdp_ac_op", "fsdp_ac_every2", "stage1", "hsdp",
             "fsdp_compile_ac_full", "stage1_compile", "stage1_replicate_frozen",
-            "hsdp_stage1_replicate_frozen"]
+            "hsdp_stage1_replicate_frozen", "fsdp_vision_tower_unit"]
 # Compiled blocks recompute inside the compiled backward (no Python hook runs): not counted.
 NORM_CALLS = {"fsdp": [1, 1], "hsdp": [1, 1], "fsdp_ac_full": [2, 2], "fsdp_ac_op": [2, 2],
               "fsdp_ac_every2": [2, 1], "stage1": [2, 2], "fsdp_compile_ac_full": None,
               "stage1_compile": None, "stage1_replicate_frozen": [2, 2],
-              "hsdp_stage1_replicate_frozen": [1, 1]}
+              "hsdp_stage1_replicate_frozen": [1, 1], "fsdp_vision_tower_unit": [2, 2]}
 
 
 @pytest.mark.slow
@@ -59,6 +59,10 @@ def test_sharded_matches_single_process(results, variant):
     assert r["state_params"] == r["ref_state_params"]
     if NORM_CALLS[variant] is not None:
         assert r["norm_calls"] == NORM_CALLS[variant]  # AC really recomputes (or not)
+    # FSDP units for the vision blocks: none when the tower is one unit or replicated (frozen).
+    replicated_tower = "replicate_frozen" in variant
+    expected_units = 0 if variant == "fsdp_vision_tower_unit" or replicated_tower else 2
+    assert r["vision_block_units"] == expected_units
 
 
 @pytest.mark.slow

@@ -143,11 +143,15 @@ def apply_fsdp(
     param_dtype: str,
     reduce_dtype: str,
     replicate_frozen: bool = False,
+    vision_unit: str = "block",
 ) -> None:
     """FSDP2 (HSDP on a 2-D mesh): each block, then the embeddings, the LLM head, the vision
-    stem, the projector, and the root (image_newline). `replicate_frozen`: units whose
+    stem, the projector, and the root (image_newline). `vision_unit` "tower": the vision tower's
+    blocks are not units of their own (the tower is one). `replicate_frozen`: units whose
     parameters are all frozen are left out (plain tensors, whole on every rank; the root ignores
     them), so they are never all-gathered."""
+    if vision_unit not in ("block", "tower"):
+        raise ValueError(f"parallelism.fsdp_vision_unit must be 'block' or 'tower', got {vision_unit!r}")
     # FSDP2 warns when a wrapped module returns a view (CLIP drops its CLS token by slicing); the
     # warning is about in-place ops on that output, which LlavaNext never does.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -162,8 +166,9 @@ def apply_fsdp(
             return
         fully_shard(modules, mesh=mesh, mp_policy=mp, **kwargs)
 
-    for block in model.vision_tower.layers.values():
-        shard(block)
+    if vision_unit == "block":
+        for block in model.vision_tower.layers.values():
+            shard(block)
     llm = model.language_model
     n = len(llm.layers)
     for i, block in enumerate(llm.layers.values()):
@@ -230,5 +235,6 @@ def parallelize_llava(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Modu
             cfg.training.mixed_precision_param,
             cfg.training.mixed_precision_reduce,
             replicate_frozen=cfg.parallelism.replicate_frozen,
+            vision_unit=cfg.parallelism.fsdp_vision_unit,
         )
     return model
