@@ -202,3 +202,14 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert "full-depth estimate by step time" in proc.stdout
     else:
         assert r["full_depth_estimate_by_time_samples_per_s"] is None
+
+
+def test_fsdp_host_overhead_benchmark_prints_every_case():
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "fsdp_host_overhead.py"),
+           "--blocks", "2", "--iters", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.endswith(" ms")]
+    assert len(rows) == 6 and all(float(r.split()[-2]) > 0 for r in rows), proc.stdout
+    assert sum("FSDP unit" in r for r in rows) == 3
