@@ -40,6 +40,19 @@ run() {  # name limit_s args...
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | tee -a "$OUT/summary.txt"
 }
 
+micro() {  # name limit_s command...: a micro-benchmark script; its last lines go to the summary
+  local name=$1 limit=$2
+  shift 2
+  if (( SECONDS + limit > BUDGET_S )); then
+    echo "skip $name: $((BUDGET_S - SECONDS)) s left" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.txt"
+  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
+  tail -n 8 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+}
+
 parity() {  # limit_s: benchmarks/varlen_parity.py (CUDA only; skipped in the CPU dry run)
   [[ ${FLAVOR:-} == debug ]] && return
   echo "== varlen_parity" | tee -a "$OUT/summary.txt"
@@ -115,6 +128,7 @@ round6)  # the last-block trim, stage 1 with replicate_frozen, stage 2 without A
   run s2_pack8k_sacop 120 $S2 --ac selective
   run s2_pack8k_sacop_visiontower 100 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   run s2_pack8k_noac 120 $S2 --ac none
+  micro patch_embed 40 python benchmarks/patch_embed.py
   run s2_pack8k_sacop_prof 100 $S2 --steps 2 --ac selective --profile "$OUT/prof_s2"
   run s1_pack16k_noac_compile_prof 75 --stage 1 --steps 2 $P1 --ac none --compile --profile "$OUT/prof_s1"
   run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug

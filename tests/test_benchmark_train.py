@@ -213,3 +213,13 @@ def test_fsdp_host_overhead_benchmark_prints_every_case():
     rows = [line for line in proc.stdout.splitlines() if line.endswith(" ms")]
     assert len(rows) == 6 and all(float(r.split()[-2]) > 0 for r in rows), proc.stdout
     assert sum("FSDP unit" in r for r in rows) == 3
+
+
+def test_patch_embed_benchmark_matches_the_conv_and_prints_timings():
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "patch_embed.py"), "--iters", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diff_line = next(line for line in proc.stdout.splitlines() if line.startswith("max |conv"))
+    assert float(diff_line.split("= ")[1].split()[0]) < 1e-4  # the same product (fp32 on CPU)
+    assert "conv2d " in proc.stdout and "patches @ W" in proc.stdout
