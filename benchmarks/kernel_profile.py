@@ -1,6 +1,6 @@
 """Where the device time of the measured steps goes: a torch.profiler window over those steps,
-summarised per kernel category (matmul, attention, compiled triton kernels, collectives, copies,
-optimizer, eager elementwise) and per kernel, plus a Chrome trace for Perfetto / chrome://tracing.
+summarised per kernel category (matmul, attention, convolution, compiled triton kernels,
+collectives, copies, optimizer, eager elementwise) and per kernel, plus a Chrome trace for Perfetto / chrome://tracing.
 
 On CUDA the figures are kernel (device) self time; on CPU, operator self time (there are no
 kernels). Categories come from kernel/operator names, so they are a guide, not an exact split.
@@ -20,6 +20,10 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("collective", ("nccl", "c10d::", "all_gather", "allgather", "reduce_scatter", "allreduce",
                     "all_reduce", "gloo")),
     ("attention", ("flash", "fmha", "attention", "varlen", "sdpa", "flex")),
+    # cuDNN convolution kernels (CLIP's patch embedding) before matmul: they are xmma/gemm too.
+    # Not a bare "conv": inductor's kernel names are full of "convert_element_type".
+    ("convolution", ("convolution", "convolve", "conv2d", "fprop", "wgrad", "dgrad",
+                     "implicit_gemm")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm",
                 "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
     ("optimizer", ("multi_tensor", "adam", "_foreach")),
