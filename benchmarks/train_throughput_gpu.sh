@@ -25,32 +25,32 @@ B="python benchmarks/train_throughput.py --flavor ${FLAVOR:-llava-next-vicuna-7b
 S1="--stage 1 --local-batch-size 4 --steps 8"
 S2="--stage 2 --llm-layers 8 --local-batch-size 2 --grad-accum 2 --steps 6"
 
-run() {  # name limit_s args...
+log() { tee -a "$OUT/summary.txt"; }
+
+timed() {  # name limit_s command...: run it under a time limit (skipped if BUDGET_S has no room), log to $OUT/name.log
   local name=$1 limit=$2
   shift 2
   if (( SECONDS + limit > BUDGET_S )); then
-    echo "skip $name: $((BUDGET_S - SECONDS)) s left" | tee -a "$OUT/summary.txt"
-    return
+    echo "skip $name: $((BUDGET_S - SECONDS)) s left" | log
+    return 1
   fi
-  echo "== $name (limit ${limit}s): $B $*" | tee -a "$OUT/summary.txt"
-  timeout -k 10 "$limit" $B "$@" ${EXTRA:-} >"$OUT/$name.log" 2>&1
-  echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total | +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
-    "$OUT/$name.log" | tee -a "$OUT/summary.txt"
-  tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | tee -a "$OUT/summary.txt"
+  echo "== $name (limit ${limit}s): $*" | log
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "rc $? after ${SECONDS}s" | log
+}
+
+run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared flags; its figures go to the summary
+  local name=$1
+  timed "$1" "$2" $B "${@:3}" ${EXTRA:-} || return 0
+  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
+    "$OUT/$name.log" | log
+  tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | log
 }
 
 micro() {  # name limit_s command...: a micro-benchmark script; its last lines go to the summary
-  local name=$1 limit=$2
-  shift 2
-  if (( SECONDS + limit > BUDGET_S )); then
-    echo "skip $name: $((BUDGET_S - SECONDS)) s left" | tee -a "$OUT/summary.txt"
-    return
-  fi
-  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.txt"
-  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "rc $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-  tail -n 8 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+  local name=$1
+  timed "$@" || return 0
+  tail -n 8 "$OUT/$name.log" | log
 }
 
 parity() {  # limit_s: benchmarks/varlen_parity.py (CUDA only; skipped in the CPU dry run)
