@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
+from titan_llava.checkpoint_io import maybe_crash
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.trainer import Trainer
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         # Only a run that ended normally on every rank can meet at a barrier.
         destroy_distributed(barrier=finished)
     _report_status(status)
+    # Test hook (TITAN_LLAVA_FAULT=exit@0[@rank]): a worker killed after the run completed.
+    maybe_crash("exit", 0, int(os.environ.get("RANK", "0")))
     return status
 
 
