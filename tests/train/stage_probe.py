@@ -12,6 +12,7 @@ import sys
 import torch
 
 from titan_llava.config import load_config
+from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.optim import part_of
 from titan_llava.trainer import Trainer
 
@@ -51,6 +52,10 @@ def main() -> None:
     if trainer.rank == 0:
         with open(out_path, "w") as f:
             json.dump(record, f)
+    # Free the trainer (its device mesh keeps the process group alive), then tear the group down
+    # while Python is fully alive: freed during finalisation, gloo's threads can abort the process.
+    del trainer, state, groups
+    destroy_distributed()
 
 
 if __name__ == "__main__":
