@@ -1,5 +1,6 @@
 """Job configuration: section dataclasses (TorchTitan names), TOML/JSON loading, `--section.key` CLI
-overrides, validation (rules in config_validate.py), and the resolved-config dump. Precedence: defaults < config file < CLI.
+overrides, validation (rules in config_validate.py), and the resolved-config dump. Precedence:
+defaults < config file < CLI.
 """
 
 from __future__ import annotations

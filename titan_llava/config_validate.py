@@ -112,6 +112,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
             f"{suggest(cfg.model.flavor, LLAVA_FLAVORS)}"
         )
 
+
 def validate_paths(cfg: JobConfig) -> None:
     """Check that the input files exist; the error names the config key."""
     checks = [

@@ -113,7 +113,9 @@ class Trainer:
             seed=cfg.job.seed,
             group_by_modality_length=cfg.data.group_by_modality_length,
             global_batch_size=cfg.training.global_batch_size,
-            modality_megabatch=cfg.data.modality_megabatch if cfg.data.modality_megabatch > 0 else None,
+            modality_megabatch=(  # -1 = not set
+                cfg.data.modality_megabatch if cfg.data.modality_megabatch > 0 else None
+            ),
             image_aspect_ratio=self.model_args.image_aspect_ratio,
             grid_pinpoints=self.model_args.grid_pinpoints,
             image_size=self.model_args.vision.image_size,
