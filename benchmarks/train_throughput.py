@@ -32,6 +32,7 @@ from synthetic_data import TOKENIZER_PATH, write_dataset
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.flops import document_lengths, peak_flops, step_flops
+from titan_llava.loss import cross_entropy_sum
 from titan_llava.models import attention
 from titan_llava.models.args import LLAVA_FLAVORS
 from titan_llava.trainer import Trainer
@@ -71,6 +72,20 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         default=True,
         help="--no-trim-last-block: the last LLM block runs on every position, its output indexed "
         "afterwards (the behaviour before the trim; MFU then undercounts what runs)",
+    )
+    p.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="the before of 'logits only at loss positions': the head and the fp32 cross-entropy "
+        "run on every position (full [rows, seq, vocab] logits, the last block untrimmed); MFU "
+        "then undercounts what runs, compare by samples/s",
+    )
+    p.add_argument(
+        "--defer-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-defer-check: read each step's loss and gradient norm on the host before its "
+        "update (one host sync per step: the behaviour before the deferred check)",
     )
     p.add_argument(
         "--sync-debug",
@@ -190,6 +205,10 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     full_args = LLAVA_FLAVORS[a.flavor]
     if not a.trim_last_block:
         untrim_last_block(trainer.model.language_model)
+    if not a.defer_check:
+        trainer.defer_check = False
+    if a.full_logits:
+        full_logits_loss(trainer)
     marks = StepMarks(device)
     install_probes(trainer, marks)
     counts: list[dict[str, float]] = []
@@ -217,10 +236,10 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             waits.append(wait)
         return mbs, wait
 
-    def train_step(mbs):
+    def train_step(mbs, record):
         marks.begin_step()
         marks.mark("start")
-        out = orig_step(mbs)
+        out = orig_step(mbs, record)
         marks.mark("end")
         return out
 
@@ -303,7 +322,10 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "packing": a.packing,
         "ac": a.ac,
         "compile": a.compile,
-        "trim_last_block": a.trim_last_block,
+        "trim_last_block": a.trim_last_block and not a.full_logits,
+        "full_logits": a.full_logits,
+        # Whether the step's numbers were read a step later (fused AdamW) or before each update.
+        "deferred_check": trainer.defer_check,
         "attn_backend": trainer.cfg.model.attn_backend,
         # What the LLM's packed rows ran on (activations are bf16 on CUDA, fp32 on CPU).
         "torch_varlen": a.packing
@@ -357,6 +379,29 @@ def untrim_last_block(llm: torch.nn.Module) -> None:
         return out if output_index is None else out.flatten(0, 1).index_select(0, output_index)
 
     last.forward = full_last_block
+
+
+def full_logits_loss(trainer: Trainer) -> None:
+    """Make the trainer's loss compute logits on every position and the fp32 cross-entropy over
+    all of them (the before of computing them at loss positions only); same loss value."""
+
+    def forward_loss_sum(mb):
+        image_sizes = mb.image_sizes.tolist() if mb.image_sizes is not None else None
+        pixel_values, keepalive = mb.pixel_values, False
+        if pixel_values is None:
+            pixel_values, keepalive = trainer._dummy_tile, True
+        logits = trainer.model(
+            mb.input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            positions=mb.positions,
+            document_ids=mb.document_ids,
+            vision_keepalive=keepalive,
+            document_bounds=mb.document_bounds,
+        )
+        return cross_entropy_sum(logits, mb.labels, mb.document_ids)
+
+    trainer.forward_loss_sum = forward_loss_sum
 
 
 def _sync_site() -> str:

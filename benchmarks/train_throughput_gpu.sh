@@ -10,10 +10,11 @@
 # (benchmarks/activation_memory.py: 32 / 46 GiB of activations), selective AC at 16384.
 # PLAN=round4: round 3's lost runs after the compile and device-assert fixes.
 # PLAN=round5: after the host-sync removals (sync count, best configs, SAC + compile, unpacked stage 2).
-# PLAN=round6: round 5's checks, kernel profiles (--profile) of the best stage-1 and stage-2 configs,
-# the last-block trim (--no-trim-last-block = before), stage 1 with parallelism.replicate_frozen (on
-# one GPU: no FSDP copies and hooks for the frozen parts), stage 2 with the vision tower as one FSDP
-# unit, and stage 2 without AC.
+# PLAN=round6: the stage-1 best with each before of the changes since round 4 (--no-defer-check: one
+# host sync per step; --no-trim-last-block; --full-logits: the head and fp32 CE on every position),
+# with parallelism.replicate_frozen (on one GPU: no FSDP copies and hooks for the frozen parts),
+# kernel profiles (--profile) of the best stage-1 and stage-2 configs, stage 2 without AC and with
+# the vision tower as one FSDP unit, the sync count.
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -116,22 +117,25 @@ round5)  # after the host-sync removals: the sync count (expect 1 per step + the
   run s2_pack8k_sacop 100 $S2 --local-batch-size 1 --data.packing_row_len 8192 --ac selective
   run s2_nopack 160 $S2 --local-batch-size 2 --no-packing
   ;;
-round6)  # the last-block trim, stage 1 with replicate_frozen, stage 2 without AC (does the step
-  # fit, what it buys), and where the device time goes (kernel profiles; not figures). Ordered by
-  # priority: compiled stage-2 runs take ~90 s each, compiled stage-1 ~45 s, later runs reuse the cache
+round6)  # the deferred step check, replicate_frozen, the last-block trim, logits at loss positions,
+  # stage 2 without AC and with the tower as one FSDP unit, where the device time goes (kernel
+  # profiles; not figures). Ordered by priority (the tail is skipped when BUDGET_S runs out):
+  # compiled stage-2 runs take ~90 s each, compiled stage-1 ~45 s, later runs reuse the cache
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
-  P1="--local-batch-size 1 --data.packing_row_len 16384"
-  run s1_pack16k_noac_compile 90 $S1 $P1 --ac none --compile
-  run s1_pack16k_noac_compile_untrim 75 $S1 $P1 --ac none --compile --no-trim-last-block
-  run s1_pack16k_noac_compile_repl 75 $S1 $P1 --ac none --compile --parallelism.replicate_frozen true
-  run s2_pack8k_sacop 120 $S2 --ac selective
-  run s2_pack8k_sacop_visiontower 100 $S2 --ac selective --parallelism.fsdp_vision_unit tower
-  run s2_pack8k_noac 120 $S2 --ac none
-  micro patch_embed 40 python benchmarks/patch_embed.py
-  run s2_pack8k_sacop_prof 100 $S2 --steps 2 --ac selective --profile "$OUT/prof_s2"
-  run s1_pack16k_noac_compile_prof 75 --stage 1 --steps 2 $P1 --ac none --compile --profile "$OUT/prof_s1"
+  P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile"
+  run s1_best 90 $S1 $P1
+  run s1_best_nodefer 75 $S1 $P1 --no-defer-check
+  run s1_best_repl 75 $S1 $P1 --parallelism.replicate_frozen true
+  run s1_best_prof 75 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1"
+  run s2_sacop 120 $S2 --ac selective
+  run s2_noac 120 $S2 --ac none
+  run s2_sacop_visiontower 100 $S2 --ac selective --parallelism.fsdp_vision_unit tower
+  run s1_best_untrim 75 $S1 $P1 --no-trim-last-block
+  run s1_best_fulllogits 75 $S1 $P1 --full-logits
   run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
+  micro patch_embed 40 python benchmarks/patch_embed.py
+  run s2_sacop_prof 100 $S2 --steps 2 --ac selective --profile "$OUT/prof_s2"
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
   S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"

@@ -143,7 +143,11 @@ def test_kernel_summary_per_step_and_device_events_only():
 
 @pytest.mark.parametrize(
     "stage,extra",
-    [(1, ["--no-trim-last-block"]), (2, ["--llm-layers", "1", "--profile", "prof"])],
+    [
+        (1, ["--no-trim-last-block", "--optimizer.implementation", "fused"]),
+        (2, ["--llm-layers", "1", "--profile", "prof", "--optimizer.implementation", "fused",
+             "--no-defer-check", "--full-logits"]),
+    ],
 )
 def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     out_json = tmp_path / "r.json"
@@ -193,7 +197,13 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert (tmp_path / "prof" / "trace.json.gz").stat().st_size > 0
     else:
         assert not r["profiled"] and r["kernel_profile"] is None
-    assert r["trim_last_block"] == (stage == 2)
+    # Stage 1 untrims the last block itself; stage 2 by computing logits on every position.
+    assert not r["trim_last_block"]
+    assert r["full_logits"] == (stage == 2)
+    assert ("logits at every position" in proc.stdout) == (stage == 2)
+    # Fused AdamW reads each step's numbers a step later unless --no-defer-check.
+    assert r["deferred_check"] == (stage == 1)
+    assert f"step check deferred {stage == 1}" in proc.stdout
     if stage == 2:
         assert r["llm_layers"] == 1 and r["llm_layers_full"] == 2
         assert "REDUCED DEPTH" in proc.stdout and r["full_depth_estimate_samples_per_s"] > 0
@@ -206,6 +216,27 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert "full-depth estimate by step time" in proc.stdout
     else:
         assert r["full_depth_estimate_by_time_samples_per_s"] is None
+
+
+def test_full_logits_before_gives_the_same_loss(tmp_path):
+    """--full-logits (head and fp32 CE on every position) is the same training as the default
+    (logits at loss positions only): same loss after 2 steps."""
+    losses = []
+    for extra in ([], ["--full-logits"]):
+        out_json = tmp_path / f"r{len(extra)}.json"
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
+               "--stage", "1", "--flavor", "debug", "--steps", "1", "--warmup", "1",
+               "--json-out", str(out_json), *extra]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("RANK", None)
+        proc = subprocess.run(
+            cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = json.loads(out_json.read_text())
+        assert r["full_logits"] == bool(extra)
+        losses.append(r["final_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_fsdp_host_overhead_benchmark_prints_every_case():

@@ -194,11 +194,15 @@ class CheckpointManager:
         return sd
 
     # ----- save -----
+    def save_due(self, step: int) -> bool:
+        """maybe_save(step) will save without being forced."""
+        return self.ck.enable and self._last_saved_step != step and step % self.ck.interval == 0
+
     def maybe_save(self, step: int, force: bool = False) -> None:
         """Save at every checkpoint.interval-th step, or when forced (last step, preemption)."""
         if not self.ck.enable or self._last_saved_step == step:
             return
-        if force or step % self.ck.interval == 0:
+        if force or self.save_due(step):
             self.save(step)
 
     def save(self, step: int) -> None:

@@ -146,7 +146,9 @@ class Optimizer:
     """Decoupled weight decay, applied to all weights except biases and LayerNorm/RMSNorm weights
     (the HF Trainer rule)."""
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
-    """AdamW kernel: auto = fused on CUDA, foreach otherwise."""
+    """AdamW kernel: auto = fused on CUDA, foreach otherwise. Fused AdamW skips a non-finite step
+    on the device, so the trainer reads each step's loss without a host sync per step; the others
+    are checked (a sync) before their update."""
 
 
 @dataclass

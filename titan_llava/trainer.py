@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,24 @@ logger = logging.getLogger("titan_llava")
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm of a step is NaN/inf; raised on every rank before the update."""
+    """The loss or the gradient norm of a step is NaN/inf; raised on every rank, with that step's
+    update not applied."""
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step as the host sees it: counts of its batches (host), and its loss, stop
+    flag and gradient norm, reduced over ranks on the device and copied to the host
+    asynchronously, so that reading them can wait until the next step's work is queued."""
+
+    step: int
+    counts: dict[str, float]
+    data_wait_s: float
+    lr: float
+    sample_ids: list[int]
+    stats: torch.Tensor | None = None  # [loss, stop, grad_norm], host memory (pinned on CUDA)
+    ready: torch.cuda.Event | None = None  # recorded after the copy to `stats` (CUDA)
+    values: tuple[float, float, float] | None = field(default=None, repr=False)  # once read
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
@@ -131,7 +149,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.total_steps)
         self.step = 0
-        self._preempt = False  # set by train_step: some rank got SIGTERM
+        self._preempt = False  # set when a step's reduced stop flag is read: some rank got SIGTERM
+        # Fused AdamW can skip a non-finite step on the device (found_inf), so a step's loss and
+        # gradient norm are read on the host only once the next step's forward/backward is queued:
+        # no host sync per step, the GPU never waits for the host between steps. Other optimizer
+        # implementations read them (a sync) before their update.
+        self.defer_check = all(g.get("fused") for g in self.optimizer.param_groups)
+        self._pending: StepRecord | None = None
         self.metrics = MetricsLogger(
             cfg.job.dump_folder,
             self.total_steps,
@@ -232,8 +256,18 @@ class Trainer:
         )
         return cross_entropy_sum_at(logits, mb.loss_targets)
 
-    def train_step(self, microbatches: list[Batch]) -> tuple[float, float]:
-        """Forward/backward every micro-batch, clip, check, step. Returns (loss, grad_norm)."""
+    def train_step(self, microbatches: list[Batch], record: StepRecord) -> StepRecord:
+        """Forward/backward every micro-batch, read the previous step's numbers if they were left
+        pending (by now this step's work is queued behind them), then clip and update. Fills
+        `record.stats`; `_read` checks them (raising NonFiniteError) and `_finish` logs them."""
+        loss_total = self._forward_backward(microbatches)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._finish(pending)
+        self._update(loss_total, record)
+        return record
+
+    def _forward_backward(self, microbatches: list[Batch]) -> torch.Tensor:
         cfg = self.cfg
         mode = cfg.training.loss_normalization
         global_tokens = global_valid_tokens(
@@ -259,36 +293,100 @@ class Trainer:
                 maybe_sigterm("accum", self.step, self.rank)
         if fault_point("nan_loss", self.step, self.rank):
             loss_total = loss_total + float("nan")
+        return loss_total
 
+    def _update(self, loss_total: torch.Tensor, record: StepRecord) -> None:
+        """Gradient norm, the step's one small all-reduce (loss, and whether any rank got SIGTERM),
+        clip, optimizer and scheduler step. A non-finite step is never applied: checked on the
+        host before the update, or (defer_check) skipped on the device by fused AdamW."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in params if p.grad is not None], foreach=True
         )
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        # The step's one host sync and one small all-reduce: the loss (for the finiteness check and
-        # the log) and whether any rank got SIGTERM (every rank then stops after this step).
         stop = torch.full((), 1.0 if self.checkpointer.sigterm_received else 0.0, device=self.device)
         reduced = torch.stack([loss_total, stop])
         if dist.is_initialized():
             dist.all_reduce(reduced)
             reduced[0] /= self.world_size
         norm = grad_norm.to(device=reduced.device, dtype=torch.float32)
-        loss_f, stop_f, norm_f = torch.stack([reduced[0], reduced[1], norm]).tolist()
-        self._preempt = stop_f > 0
-        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
-            # Every rank sees the same reduced numbers, so every rank stops here together.
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(
-                f"step {self.step}: non-finite loss ({loss_f}) or gradient norm ({norm_f}); "
-                "stopping before the optimizer step"
-            )
-        if cfg.training.max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.training.max_norm, grad_norm, foreach=True)
+        stats = torch.stack([reduced[0], reduced[1], norm])
+        if self.device.type == "cuda":
+            record.stats = torch.empty(3, dtype=stats.dtype, pin_memory=True)
+            record.stats.copy_(stats, non_blocking=True)
+            record.ready = torch.cuda.Event()
+            record.ready.record()
+        else:
+            record.stats = stats.cpu()
+        if self.defer_check:
+            # Every rank computes the same flag from the same reduced numbers, so all skip together.
+            self.optimizer.found_inf = (~torch.isfinite(stats[[0, 2]]).all()).float()
+        else:
+            self._read(record)
+        max_norm = self.cfg.training.max_norm
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_f, norm_f
+
+    def _read(self, record: StepRecord) -> tuple[float, float, float]:
+        """The step's reduced (loss, stop, grad_norm) on the host, waiting for them if needed.
+        Raises NonFiniteError (on every rank: the numbers are the same everywhere)."""
+        if record.values is None:
+            if record.ready is not None:
+                record.ready.synchronize()
+            loss, stop, norm = record.stats.tolist()
+            record.values = (loss, stop, norm)
+            self._preempt = self._preempt or stop > 0
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(
+                    f"step {record.step}: non-finite loss ({loss}) or gradient norm ({norm}); "
+                    f"stopping without applying it (the parameters are those after step "
+                    f"{record.step - 1})"
+                )
+        return record.values
+
+    def _finish(self, record: StepRecord) -> None:
+        """Check a step's numbers, then account for it: manifest, token count, metrics window,
+        and the log line on log steps (whose records are finished in their own step)."""
+        loss, _, grad_norm = self._read(record)
+        if self.manifest is not None:
+            self.manifest.write(record.step, record.sample_ids)
+        self.checkpointer.add_tokens(record.counts["tokens"])
+        w = self._window
+        for k, v in record.counts.items():
+            w[k] += v
+        w["data_wait_s"] += record.data_wait_s
+        self._steps_in_window += 1
+        if record.step % self.cfg.metrics.log_freq == 0 or record.step == self.total_steps:
+            totals = all_reduce_scalars(w, self.device, op="sum")
+            interval = time.perf_counter() - self._t_window
+            self.metrics.log(
+                record.step,
+                loss=loss,
+                grad_norm=grad_norm,
+                lr=record.lr,
+                interval_s=interval,
+                steps_in_interval=self._steps_in_window,
+                tokens=int(totals["tokens"]),
+                text_tokens=int(totals["text_tokens"]),
+                image_tokens=int(totals["image_tokens"]),
+                samples=int(totals["samples"]),
+                flops=totals["flops"],
+                data_wait_s=totals["data_wait_s"] / self.world_size,
+                skipped=all_reduce_counts(self.data_loader.skip_counts()),
+                memory_gib=device_memory_gib(self.device),
+            )
+            self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._window = dict.fromkeys(
+            ("tokens", "image_tokens", "text_tokens", "samples", "flops", "data_wait_s"), 0.0
+        )
+        self._steps_in_window, self._t_window = 0, time.perf_counter()
 
     def _step_counts(self, microbatches: list[Batch]) -> dict[str, float]:
         """Per-rank token/sample/FLOP counts of a step (summed over ranks when logged), from the
@@ -325,45 +423,38 @@ class Trainer:
             f"<= {cfg.packing_row_len() if cfg.data.packing else cfg.data.max_seq_len} tokens"
             + (f" (packed, look-ahead {cfg.data.packing_lookahead})" if cfg.data.packing else "")
         )
-        window = {"tokens": 0.0, "image_tokens": 0.0, "text_tokens": 0.0, "samples": 0.0,
-                  "flops": 0.0, "data_wait_s": 0.0}
-        steps_in_window, t_window = 0, time.perf_counter()
+        self._reset_window()
+        self._pending = None
         while self.step < self.total_steps:
             self.step += 1
             microbatches, data_wait = self._next_microbatches()
-            lr = self.lr_scheduler.get_last_lr()[0]
-            loss, grad_norm = self.train_step(microbatches)
-            if self.manifest is not None:
-                ids = [i for mb in microbatches for row in mb.sample_ids for i in row]
-                self.manifest.write(self.step, ids)
-            counts = self._counts
-            self.checkpointer.add_tokens(counts["tokens"])
-            for k, v in counts.items():
-                window[k] += v
-            window["data_wait_s"] += data_wait
-            steps_in_window += 1
-            if self.step % cfg.metrics.log_freq == 0 or self.step == self.total_steps:
-                totals = all_reduce_scalars(window, self.device, op="sum")
-                interval = time.perf_counter() - t_window
-                self.metrics.log(
-                    self.step,
-                    loss=loss,
-                    grad_norm=grad_norm,
-                    lr=lr,
-                    interval_s=interval,
-                    steps_in_interval=steps_in_window,
-                    tokens=int(totals["tokens"]),
-                    text_tokens=int(totals["text_tokens"]),
-                    image_tokens=int(totals["image_tokens"]),
-                    samples=int(totals["samples"]),
-                    flops=totals["flops"],
-                    data_wait_s=totals["data_wait_s"] / self.world_size,
-                    skipped=all_reduce_counts(self.data_loader.skip_counts()),
-                    memory_gib=device_memory_gib(self.device),
-                )
-                window = dict.fromkeys(window, 0.0)
-                steps_in_window, t_window = 0, time.perf_counter()
-            preempted = self._preempt  # all ranks agree: reduced in train_step
+            record = StepRecord(
+                step=self.step,
+                counts=self._counts,
+                data_wait_s=data_wait,
+                lr=self.lr_scheduler.get_last_lr()[0],
+                sample_ids=(
+                    [i for mb in microbatches for row in mb.sample_ids for i in row]
+                    if self.manifest is not None
+                    else []
+                ),
+            )
+            self.train_step(microbatches, record)
+            # Read now (a host sync) where the host needs the numbers before going on: the log
+            # line, a checkpoint (never of a step not yet checked), the end, a stop; otherwise
+            # the next step reads them once its own work is queued.
+            if (
+                not self.defer_check
+                or self._preempt
+                or self.step == self.total_steps
+                or self.step % cfg.metrics.log_freq == 0
+                or self.checkpointer.save_due(self.step)
+            ):
+                self._finish(record)
+            else:
+                self._pending = record
+                continue
+            preempted = self._preempt  # all ranks agree: reduced with the step's loss
             self.checkpointer.maybe_save(
                 self.step, force=preempted or self.step == self.total_steps
             )

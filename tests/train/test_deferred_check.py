@@ -1,0 +1,106 @@
+"""A step's loss / gradient-norm check without a host sync per step: with fused AdamW the trainer
+reads a step's numbers once the next step's forward/backward is queued, and a non-finite step is
+skipped on the device. Same results as checking every step; a non-finite step is never applied;
+SIGTERM and exact resume still hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.test_checkpoint import ckpt, metrics, ok, train
+from tests.train.utils import DEBUG_CONFIG, REPO
+from titan_llava.checkpoint_io import FAULT_ENV, complete_steps
+
+FUSED = ["--optimizer.implementation", "fused"]
+BASE = [
+    "--training.steps", "6", "--training.local_batch_size", "1", "--training.global_batch_size",
+    "2", "--data.max_seq_len", "2048", "--lr_scheduler.warmup_steps", "2",
+    "--checkpoint.enable", "false",
+]  # fmt: skip
+
+
+def _probe(tmp_path, name: str, overrides: list[str], fault: str = "") -> dict:
+    out = str(tmp_path / f"{name}.json")
+    cmd = [sys.executable, "-m", "tests.train.step_check_probe", out,
+           "--job.config_file", DEBUG_CONFIG, "--job.dump_folder", str(tmp_path / name),
+           *BASE, *overrides]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", **{FAULT_ENV: fault})
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    with open(out) as f:
+        r = json.load(f)
+    r["params"] = torch.load(out + ".params.pt", weights_only=True)
+    return r
+
+
+def test_deferred_reads_give_the_same_training(tmp_path):
+    deferred = _probe(tmp_path, "deferred", [*FUSED, "--metrics.log_freq", "4"])
+    assert deferred["defer_check"] and deferred["error"] is None
+    # Steps 1-3 and 5 are read one step later; log step 4 and the last step in their own step.
+    assert deferred["reads"] == [[1, 2], [2, 3], [3, 4], [4, 4], [5, 6], [6, 6]]
+    every = _probe(tmp_path, "every", [*FUSED, "--metrics.log_freq", "1"])
+    assert every["reads"] == [[s, s] for s in range(1, 7)]
+    # foreach AdamW cannot skip on the device: its numbers are read before its update.
+    foreach = _probe(tmp_path, "foreach", ["--optimizer.implementation", "foreach",
+                                           "--metrics.log_freq", "4"])  # fmt: skip
+    assert not foreach["defer_check"] and foreach["reads"] == every["reads"]
+    for name, p in every["params"].items():
+        assert torch.equal(deferred["params"][name], p), name
+    # fused and foreach AdamW differ in rounding only: the runs are the same training.
+    for name, p in foreach["params"].items():
+        torch.testing.assert_close(deferred["params"][name], p, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_step_is_never_applied(tmp_path):
+    for impl, read_during in (("fused", 4), ("foreach", 3)):
+        r = _probe(tmp_path, impl, ["--optimizer.implementation", impl, "--metrics.log_freq", "5"],
+                   fault="nan_loss@3")  # fmt: skip
+        assert r["error"] is not None and r["error"].startswith("step 3: non-finite loss"), r
+        assert "the parameters are those after step 2" in r["error"]
+        # fused: step 3's numbers are read during step 4, after step 3's update was skipped on
+        # the device (found_inf) and before step 4's; foreach: during step 3, before its update.
+        assert r["reads"][-1] == [3, read_during], r["reads"]
+        assert r["final_finite"]
+        # The parameters are exactly those step 3 started from (and, fused, step 4 too).
+        assert r["final_equals_start_of"] == list(range(3, read_during + 1)), r
+
+
+def test_sigterm_and_exact_resume_with_deferred_reads(tmp_path):
+    run = [*FUSED, "--training.steps", "8", "--training.local_batch_size", "1",
+           "--training.global_batch_size", "3", "--data.max_seq_len", "2048",
+           "--lr_scheduler.warmup_steps", "3", "--metrics.log_freq", "4",
+           "--checkpoint.enable", "true", "--checkpoint.interval", "6",
+           "--checkpoint.keep_latest_k", "0"]  # fmt: skip
+    straight = str(tmp_path / "straight")
+    ok(train(straight, *run))
+    assert sorted(metrics(straight)) == [4, 8]
+    assert complete_steps(ckpt(straight)) == ([6, 8], [])
+    dump = str(tmp_path / "preempted")
+    # SIGTERM during step 2: its flag is read during step 3, which is then checked at once, saved,
+    # and the run exits with the preemption status.
+    p = train(dump, *run, fault="sigterm_accum@2")
+    ok(p, 75)
+    assert "SIGTERM: checkpoint of step 3 saved" in p.stderr, p.stderr[-3000:]
+    assert complete_steps(ckpt(dump)) == ([3], [])
+    ok(train(dump, *run))
+    resumed = metrics(dump)
+    assert sorted(resumed) == [4, 8]
+    for step in (4, 8):
+        assert resumed[step] == metrics(straight)[step], step
+
+
+def test_non_finite_on_one_rank_skips_on_every_rank(tmp_path):
+    dump = str(tmp_path)
+    p = train(dump, *FUSED, *BASE, "--metrics.log_freq", "5", nproc=2, fault="nan_loss@3@1")
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert out.count("step 3: non-finite loss") >= 2, out[-4000:]
+    assert not os.path.exists(os.path.join(dump, "metrics.jsonl")) or not metrics(dump)
