@@ -320,6 +320,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "grad_accum": trainer.grad_accum,
         "seq_len": a.seq_len,
         "packing": a.packing,
+        "row_len": trainer.cfg.packing_row_len() if a.packing else a.seq_len,
         "ac": a.ac,
         "compile": a.compile,
         "trim_last_block": a.trim_last_block and not a.full_logits,

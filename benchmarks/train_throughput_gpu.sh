@@ -62,6 +62,22 @@ parity() {  # limit_s: benchmarks/varlen_parity.py (CUDA only; skipped in the CP
   grep -E "route|diff|attention fwd|PARITY|Error" "$OUT/varlen_parity.log" | tee -a "$OUT/summary.txt"
 }
 
+defer_probe() {  # limit_s: the deferred step check on this device (fused AdamW's found_inf on FSDP2
+  # parameters): a NaN at step 3 must stop the run with the parameters step 3 started from. If it
+  # fails, every later run gets --no-defer-check, so that the plan still measures something.
+  local out="$OUT/defer_probe.json"
+  timed defer_probe "$1" env TITAN_LLAVA_FAULT=nan_loss@3 python -m tests.train.step_check_probe "$out" \
+    --job.config_file train_configs/debug_model.toml --job.dump_folder "$OUT/defer_probe" \
+    --training.steps 6 --metrics.log_freq 5 --checkpoint.enable false --optimizer.implementation fused || return 0
+  if python -c "import json, sys; r = json.load(open(sys.argv[1])); print('defer_probe:', {k: r[k] for k in ('defer_check', 'reads', 'error', 'final_equals_start_of')}); sys.exit(not (r['error'] or '').startswith('step 3: non-finite') or r['final_equals_start_of'] != [3, 4])" "$out" 2>&1 | log; then
+    echo "defer_probe: OK" | log
+  else
+    echo "defer_probe: FAILED (see defer_probe.log): later runs use --no-defer-check" | log
+    tail -n 5 "$OUT/defer_probe.log" | log
+    EXTRA="${EXTRA:-} --no-defer-check"
+  fi
+}
+
 case ${PLAN:-round1} in
 round1)  # compile and packing before/after (README, first table)
   run s1_eager 75 $S1
@@ -124,6 +140,7 @@ round6)  # the deferred step check, replicate_frozen, the last-block trim, logit
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile"
+  defer_probe 60
   run s1_best 90 $S1 $P1
   run s1_best_nodefer 75 $S1 $P1 --no-defer-check
   run s1_best_repl 75 $S1 $P1 --parallelism.replicate_frozen true
@@ -136,6 +153,9 @@ round6)  # the deferred step check, replicate_frozen, the last-block trim, logit
   run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
   micro patch_embed 40 python benchmarks/patch_embed.py
   run s2_sacop_prof 100 $S2 --steps 2 --ac selective --profile "$OUT/prof_s2"
+  ;;
+probe)  # only the deferred-step-check probe (seconds)
+  defer_probe 60
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
   S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"

@@ -152,8 +152,8 @@ class Trainer:
         self._preempt = False  # set when a step's reduced stop flag is read: some rank got SIGTERM
         # Fused AdamW can skip a non-finite step on the device (found_inf), so a step's loss and
         # gradient norm are read on the host only once the next step's forward/backward is queued:
-        # no host sync per step, the GPU never waits for the host between steps. Other optimizer
-        # implementations read them (a sync) before their update.
+        # no host sync per step, so the host prepares the next step while the GPU runs this one.
+        # Other optimizer implementations read them (a sync) before their update.
         self.defer_check = all(g.get("fused") for g in self.optimizer.param_groups)
         self._pending: StepRecord | None = None
         self.metrics = MetricsLogger(
