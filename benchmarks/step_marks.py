@@ -45,6 +45,10 @@ class StepMarks:
             for (name, t0), (nxt, t1) in pairwise(marks):
                 if name in ("vis_fwd_start", "vis_bwd_start"):
                     bucket = "vision"
+                elif name == "vis_bwd_end":
+                    # After the tower's blocks: patch-embedding backward, then waiting for FSDP's
+                    # last reduce-scatters and its end-of-backward work.
+                    bucket = "bwd_tail"
                 elif name in ("opt_start", "opt_end"):
                     bucket = "optimizer"
                 elif name == "bwd_end" and nxt == "opt_start":
@@ -70,6 +74,11 @@ def install_probes(trainer, marks: StepMarks) -> None:
         if out.requires_grad:
             out.register_hook(lambda _g: marks.mark("vis_bwd_start"))
 
+    def prenorm_post(_m, _a, out):
+        if out.requires_grad:
+            # Its gradient is computed once the tower's last block (in backward order) is done.
+            out.register_hook(lambda _g: marks.mark("vis_bwd_end"))
+
     def proj_post(_m, _a, out):
         if out.requires_grad:
             # Runs when the whole backward of this micro-batch is done (after FSDP's callback).
@@ -77,6 +86,7 @@ def install_probes(trainer, marks: StepMarks) -> None:
 
     model.vision_tower.register_forward_pre_hook(vis_pre)
     model.vision_tower.register_forward_hook(vis_post)
+    model.vision_tower.pre_norm.register_forward_hook(prenorm_post)
     model.projector.register_forward_hook(proj_post)
     trainer.optimizer.register_step_pre_hook(lambda *_: marks.mark("opt_start"))
     trainer.optimizer.register_step_post_hook(lambda *_: marks.mark("opt_end"))

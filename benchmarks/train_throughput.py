@@ -39,7 +39,7 @@ from titan_llava.trainer import Trainer
 
 # The reference recipe on 8x H100 80G (REFERENCE.md): 558K samples in ~4 h, 665K in ~11.5 h.
 REFERENCE_SAMPLES_PER_S_PER_GPU = {1: 4.8, 2: 2.0}
-BUCKETS = ("data_wait", "vision", "llm", "grad_norm_clip", "optimizer", "host_other")
+BUCKETS = ("data_wait", "vision", "llm", "bwd_tail", "grad_norm_clip", "optimizer", "host_other")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
