@@ -63,13 +63,16 @@ parity() {  # limit_s: benchmarks/varlen_parity.py (CUDA only; skipped in the CP
 }
 
 defer_probe() {  # limit_s: the deferred step check on this device (fused AdamW's found_inf on FSDP2
-  # parameters): a NaN at step 3 must stop the run with the parameters step 3 started from. If it
-  # fails, every later run gets --no-defer-check, so that the plan still measures something.
+  # parameters): a NaN at step 3 must stop the run with the parameters and AdamW state step 3
+  # started from. If it fails, every later run gets --no-defer-check, so that the plan still
+  # measures something. Also prints the host syncs (sync-debug) of the steps read a step later:
+  # expected 0 (debug config: unpacked fp32 rows).
   local out="$OUT/defer_probe.json"
+  rm -f "$out"
   timed defer_probe "$1" env TITAN_LLAVA_FAULT=nan_loss@3 python -m tests.train.step_check_probe "$out" \
     --job.config_file train_configs/debug_model.toml --job.dump_folder "$OUT/defer_probe" \
     --training.steps 6 --metrics.log_freq 5 --checkpoint.enable false --optimizer.implementation fused || return 0
-  if python -c "import json, sys; r = json.load(open(sys.argv[1])); print('defer_probe:', {k: r[k] for k in ('defer_check', 'reads', 'error', 'final_equals_start_of')}); sys.exit(not (r['error'] or '').startswith('step 3: non-finite') or r['final_equals_start_of'] != [3, 4])" "$out" 2>&1 | log; then
+  if python -c "import json, sys; r = json.load(open(sys.argv[1])); print('defer_probe:', {k: r[k] for k in ('defer_check', 'reads', 'error', 'final_equals_start_of', 'syncs_in_deferred_steps', 'syncs_by_step')}); sys.exit(not (r['error'] or '').startswith('step 3: non-finite') or r['final_equals_start_of'] != [3, 4])" "$out" 2>&1 | log; then
     echo "defer_probe: OK" | log
   else
     echo "defer_probe: FAILED (see defer_probe.log): later runs use --no-defer-check" | log

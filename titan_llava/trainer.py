@@ -51,7 +51,9 @@ logger = logging.getLogger("titan_llava")
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient norm of a step is NaN/inf; raised on every rank, with that step's
-    update not applied."""
+    update not applied (parameters and AdamW state as after the step before). Terminal: with the
+    deferred check the lr scheduler has already moved on, so the run must resume from a checkpoint,
+    never continue."""
 
 
 @dataclass
@@ -321,7 +323,10 @@ class Trainer:
             record.stats = stats.cpu()
         if self.defer_check:
             # Every rank computes the same flag from the same reduced numbers, so all skip together.
-            self.optimizer.found_inf = (~torch.isfinite(stats[[0, 2]]).all()).float()
+            # (Elementwise on the 0-dim tensors: indexing `stats` with a list would copy the index
+            # to the device synchronously, the very sync this avoids.)
+            finite = torch.isfinite(reduced[0]) & torch.isfinite(norm)
+            self.optimizer.found_inf = (~finite).float()
         else:
             self._read(record)
         max_norm = self.cfg.training.max_norm
@@ -422,6 +427,12 @@ class Trainer:
             f"{self.grad_accum} micro-batches x {cfg.training.local_batch_size} rows of "
             f"<= {cfg.packing_row_len() if cfg.data.packing else cfg.data.max_seq_len} tokens"
             + (f" (packed, look-ahead {cfg.data.packing_lookahead})" if cfg.data.packing else "")
+            + (
+                "; each step's loss is checked during the next step (fused AdamW skips a "
+                "non-finite step on the device), log and checkpoint steps in their own"
+                if self.defer_check
+                else "; each step's loss is checked before its update"
+            )
         )
         self._reset_window()
         self._pending = None

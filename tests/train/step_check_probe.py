@@ -1,13 +1,18 @@
-"""Run by tests in a fresh process: train with the given config overrides and write one JSON
-record of when each step's numbers were read on the host and what a non-finite step left behind.
+"""Run by tests (and benchmarks/train_throughput_gpu.sh) in a fresh process: train with the given
+config overrides and write one JSON record of when each step's numbers were read on the host, what
+a non-finite step left behind (parameters and AdamW state) and, on CUDA, the host syncs of the
+steps whose numbers were left for the next step to read.
 
 Usage: python -m tests.train.step_check_probe OUT.json --job.config_file ... [--section.key value ...]
+PROBE_NO_DEFER=1 in the environment: read every step before its update (no found_inf).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 
 import torch
 
@@ -16,18 +21,33 @@ from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.trainer import NonFiniteError, Trainer
 
 
-def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {
-        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-        for n, p in trainer.model.named_parameters()
-    }
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def _snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Parameters and AdamW state (exp_avg, exp_avg_sq, step) by name, full tensors."""
+    out = {n: _full(p) for n, p in trainer.model.named_parameters()}
+    for n, p in trainer.model.named_parameters():
+        for k, v in trainer.optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                out[f"{n}/{k}"] = _full(v)
+    return out
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def main() -> None:
     out_path, argv = sys.argv[1], sys.argv[2:]
     trainer = Trainer(load_config(argv))
+    if os.environ.get("PROBE_NO_DEFER") == "1":
+        trainer.defer_check = False
+    cuda = trainer.device.type == "cuda"
     reads: list[list[int]] = []  # [step whose numbers were read, step running at that moment]
-    at_start: dict[int, dict[str, torch.Tensor]] = {}  # parameters when each step began
+    at_start: dict[int, dict[str, torch.Tensor]] = {}  # parameters + state when each step began
+    syncs: dict[int, int] = {}  # CUDA: host syncs during each step left pending
     orig_read, orig_step = trainer._read, trainer.train_step
 
     def read(record):
@@ -36,8 +56,19 @@ def main() -> None:
         return orig_read(record)
 
     def train_step(mbs, record):
-        at_start[trainer.step] = _params(trainer)
-        return orig_step(mbs, record)
+        at_start[trainer.step] = _snapshot(trainer)
+        if not cuda:
+            return orig_step(mbs, record)
+        # Event.synchronize (the intended, late read) is not reported by sync-debug mode.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = orig_step(mbs, record)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs[record.step] = sum("synchroniz" in str(w.message) for w in caught)
+        return out
 
     trainer._read, trainer.train_step = read, train_step
     error = None
@@ -45,18 +76,21 @@ def main() -> None:
         trainer.train()
     except NonFiniteError as e:
         error = str(e)
-    final = _params(trainer)
+    final = _snapshot(trainer)
+    read_in_own_step = {s for s, during in reads if s == during}
     record = {
         "defer_check": trainer.defer_check,
         "reads": reads,
         "error": error,
         "final_finite": all(bool(t.isfinite().all()) for t in final.values()),
-        # For each step: the final parameters equal those this step started from.
-        "final_equals_start_of": [
-            s for s, ps in sorted(at_start.items()) if all(torch.equal(ps[n], final[n]) for n in final)
-        ],
+        # Steps whose starting parameters AND AdamW state equal the final ones.
+        "final_equals_start_of": [s for s, snap in sorted(at_start.items()) if _same(snap, final)],
+        # CUDA: host syncs counted inside train_step for the steps read later (their own step
+        # runs no read), and for all steps.
+        "syncs_in_deferred_steps": sum(n for s, n in syncs.items() if s not in read_in_own_step),
+        "syncs_by_step": syncs,
     }
-    torch.save(final, out_path + ".params.pt")
+    torch.save({k: v for k, v in final.items() if "/" not in k}, out_path + ".params.pt")
     trainer.close()
     if trainer.rank == 0:
         with open(out_path, "w") as f:

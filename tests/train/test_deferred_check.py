@@ -24,13 +24,15 @@ BASE = [
 ]  # fmt: skip
 
 
-def _probe(tmp_path, name: str, overrides: list[str], fault: str = "") -> dict:
+def _probe(
+    tmp_path, name: str, overrides: list[str], fault: str = "", no_defer: bool = False
+) -> dict:
     out = str(tmp_path / f"{name}.json")
     cmd = [sys.executable, "-m", "tests.train.step_check_probe", out,
            "--job.config_file", DEBUG_CONFIG, "--job.dump_folder", str(tmp_path / name),
            *BASE, *overrides]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", **{FAULT_ENV: fault})
+    env.update(OMP_NUM_THREADS="1", PROBE_NO_DEFER="1" if no_defer else "0", **{FAULT_ENV: fault})
     proc = subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False
     )
@@ -48,12 +50,16 @@ def test_deferred_reads_give_the_same_training(tmp_path):
     assert deferred["reads"] == [[1, 2], [2, 3], [3, 4], [4, 4], [5, 6], [6, 6]]
     every = _probe(tmp_path, "every", [*FUSED, "--metrics.log_freq", "1"])
     assert every["reads"] == [[s, s] for s in range(1, 7)]
+    # Fused AdamW without found_inf at all, every step read before its update.
+    plain = _probe(tmp_path, "plain", [*FUSED, "--metrics.log_freq", "4"], no_defer=True)
+    assert not plain["defer_check"] and plain["reads"] == every["reads"]
     # foreach AdamW cannot skip on the device: its numbers are read before its update.
     foreach = _probe(tmp_path, "foreach", ["--optimizer.implementation", "foreach",
                                            "--metrics.log_freq", "4"])  # fmt: skip
     assert not foreach["defer_check"] and foreach["reads"] == every["reads"]
     for name, p in every["params"].items():
         assert torch.equal(deferred["params"][name], p), name
+        assert torch.equal(plain["params"][name], p), name
     # fused and foreach AdamW differ in rounding only: the runs are the same training.
     for name, p in foreach["params"].items():
         torch.testing.assert_close(deferred["params"][name], p, rtol=1e-4, atol=1e-6)
@@ -69,7 +75,8 @@ def test_non_finite_step_is_never_applied(tmp_path):
         # the device (found_inf) and before step 4's; foreach: during step 3, before its update.
         assert r["reads"][-1] == [3, read_during], r["reads"]
         assert r["final_finite"]
-        # The parameters are exactly those step 3 started from (and, fused, step 4 too).
+        # The parameters and AdamW state (moments, step count) are exactly those step 3 started
+        # from (and, fused, step 4 too).
         assert r["final_equals_start_of"] == list(range(3, read_during + 1)), r
 
 
