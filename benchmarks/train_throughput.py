@@ -385,24 +385,9 @@ def untrim_last_block(llm: torch.nn.Module) -> None:
 def full_logits_loss(trainer: Trainer) -> None:
     """Make the trainer's loss compute logits on every position and the fp32 cross-entropy over
     all of them (the before of computing them at loss positions only); same loss value."""
-
-    def forward_loss_sum(mb):
-        image_sizes = mb.image_sizes.tolist() if mb.image_sizes is not None else None
-        pixel_values, keepalive = mb.pixel_values, False
-        if pixel_values is None:
-            pixel_values, keepalive = trainer._dummy_tile, True
-        logits = trainer.model(
-            mb.input_ids,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            positions=mb.positions,
-            document_ids=mb.document_ids,
-            vision_keepalive=keepalive,
-            document_bounds=mb.document_bounds,
-        )
-        return cross_entropy_sum(logits, mb.labels, mb.document_ids)
-
-    trainer.forward_loss_sum = forward_loss_sum
+    trainer.forward_loss_sum = lambda mb: cross_entropy_sum(
+        trainer.logits(mb, None), mb.labels, mb.document_ids
+    )
 
 
 def _sync_site() -> str:

@@ -238,7 +238,13 @@ class Trainer:
         return [b.to(self.device, non_blocking=True, sizes_on_host=True) for b in batches], wait
 
     def forward_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token CEs, valid targets) of one micro-batch."""
+        """(sum of token CEs, valid targets) of one micro-batch, with logits only where a target
+        is."""
+        return cross_entropy_sum_at(self.logits(mb, mb.loss_index), mb.loss_targets)
+
+    def logits(self, mb: Batch, output_index: torch.Tensor | None) -> torch.Tensor:
+        """The model's logits for one (device) micro-batch: [N, V] at the flat positions
+        `output_index`, or [B, S, V] at every position when it is None."""
         pixel_values, image_sizes, keepalive = mb.pixel_values, mb.image_sizes, False
         if image_sizes is not None:
             # Python numbers: FSDP2's root module moves tensor arguments to the device, and the
@@ -246,17 +252,16 @@ class Trainer:
             image_sizes = image_sizes.tolist()
         if pixel_values is None:
             pixel_values, keepalive = self._dummy_tile, True
-        logits = self.model(
+        return self.model(
             mb.input_ids,
             pixel_values=pixel_values,
             image_sizes=image_sizes,
             positions=mb.positions,
             document_ids=mb.document_ids,
             vision_keepalive=keepalive,
-            output_index=mb.loss_index,  # logits only where a target is: [N, V]
+            output_index=output_index,
             document_bounds=mb.document_bounds,  # varlen kernels' boundaries (host-built)
         )
-        return cross_entropy_sum_at(logits, mb.loss_targets)
 
     def train_step(self, microbatches: list[Batch], record: StepRecord) -> StepRecord:
         """Forward/backward every micro-batch, read the previous step's numbers if they were left
