@@ -65,6 +65,13 @@ def report(r: dict) -> str:
         f"ratio to reference: {r['ratio_to_reference']:.2f}x "
         f"(reference {r['reference_samples_per_s']} samples/s/GPU on H100)"
     )
+    if r["adamw_estimate_samples_per_s"] is not None:
+        est = r["adamw_estimate_samples_per_s"]
+        lines.append(
+            f"OPTIMIZER: {r['optimizer']} in place of AdamW (its moments would not fit); with "
+            f"AdamW's step estimated from SGD's by memory traffic (x7/3): {est:.3f} "
+            f"samples/s/GPU, {est / r['reference_samples_per_s']:.2f}x reference (estimate)"
+        )
     if r["profiled"]:
         lines.append("PROFILED run: the figures above include the profiler's overhead")
     if r["full_depth_estimate_samples_per_s"] is not None:

@@ -81,6 +81,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "then undercounts what runs, compare by samples/s",
     )
     p.add_argument(
+        "--sgd-standin",
+        action="store_true",
+        help="replace AdamW by a state-free foreach SGD (same parameter groups and learning rates), "
+        "so that stage 2 at the FULL 7B depth fits one 80 GB GPU (fp32 parameters + gradients "
+        "~56 GB; AdamW's moments would add 56 GB more). The forward/backward is the real one; "
+        "the report adds AdamW's step estimated from SGD's by memory traffic",
+    )
+    p.add_argument(
         "--defer-check",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -209,6 +217,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         trainer.defer_check = False
     if a.full_logits:
         full_logits_loss(trainer)
+    if a.sgd_standin:
+        sgd_standin(trainer)
     marks = StepMarks(device)
     install_probes(trainer, marks)
     counts: list[dict[str, float]] = []
@@ -360,6 +370,14 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             if m.llm.n_layers != full_args.llm.n_layers
             else None
         ),
+        "optimizer": "SGD stand-in (foreach, no state)" if a.sgd_standin else "AdamW",
+        # SGD stand-in: the rate with the optimizer bucket scaled to AdamW's memory traffic.
+        "adamw_estimate_samples_per_s": (
+            tot["samples"]
+            / (elapsed + n * bd["optimizer"] * (ADAMW_OVER_SGD_TRAFFIC - 1) / 1e3)
+            if a.sgd_standin
+            else None
+        ),
         "final_loss": records[-1]["loss"] if records else None,
         "profiled": profiler is not None,
         "kernel_profile": kernels.to_json(top_n=20) if kernels is not None else None,
@@ -380,6 +398,34 @@ def untrim_last_block(llm: torch.nn.Module) -> None:
         return out if output_index is None else out.flatten(0, 1).index_select(0, output_index)
 
     last.forward = full_last_block
+
+
+# Fused AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq (7 fp32
+# values per parameter); SGD without momentum reads param and grad and writes param (3). Both are
+# bound by memory bandwidth, so AdamW's step takes about 7/3 of SGD's.
+ADAMW_OVER_SGD_TRAFFIC = 7 / 3
+
+
+class _StandinSGD(torch.optim.SGD):
+    """foreach SGD (fused SGD has no DTensor sharding rule) that ignores the trainer's `found_inf`:
+    a timing stand-in, it does not skip non-finite steps."""
+
+    def step(self, closure=None):
+        self.__dict__.pop("found_inf", None)
+        return super().step(closure)
+
+
+def sgd_standin(trainer: Trainer) -> None:
+    """Replace the trainer's AdamW, before its first step (so it never allocates its moments), by
+    SGD without momentum or weight decay (no state) over the same parameter groups and learning
+    rates. The trainer's step check stays as it was (deferred with fused AdamW on CUDA)."""
+    groups = [
+        {"params": g["params"], "lr": g["lr"], "name": g.get("name")}
+        for g in trainer.optimizer.param_groups
+    ]
+    trainer.optimizer = _StandinSGD(
+        groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0, foreach=True
+    )
 
 
 def full_logits_loss(trainer: Trainer) -> None:

@@ -13,8 +13,9 @@
 # PLAN=round6: the stage-1 best with each before of the changes since round 4 (--no-defer-check: one
 # host sync per step; --no-trim-last-block; --full-logits: the head and fp32 CE on every position),
 # with parallelism.replicate_frozen (on one GPU: no FSDP copies and hooks for the frozen parts),
-# kernel profiles (--profile) of the best stage-1 and stage-2 configs, stage 2 without AC and with
-# the vision tower as one FSDP unit, the sync count.
+# kernel profiles (--profile) of the best stage-1 and stage-2 configs, stage 2 at the FULL depth with
+# a state-free SGD standing in for AdamW (--sgd-standin), stage 2 without AC and with the vision
+# tower as one FSDP unit, the sync count.
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -43,7 +44,7 @@ timed() {  # name limit_s command...: run it under a time limit (skipped if BUDG
 run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared flags; its figures go to the summary
   local name=$1
   timed "$1" "$2" $B "${@:3}" ${EXTRA:-} || return 0
-  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
+  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|OPTIMIZER|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
     "$OUT/$name.log" | log
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | log
 }
@@ -143,13 +144,19 @@ round6)  # the deferred step check, replicate_frozen, the last-block trim, logit
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile"
+  # Stage 2 at the FULL 7B depth: fp32 params + grads (~56 GB) fit one 80 GB GPU only without
+  # AdamW's moments, so a state-free SGD stands in (AdamW's step added by estimate); AC full and
+  # one micro-batch (FSDP2 keeps unsharded gradients between micro-batches: +14 GB).
+  S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
   defer_probe 60
   run s1_best 90 $S1 $P1
   run s1_best_nodefer 75 $S1 $P1 --no-defer-check
-  run s1_best_repl 75 $S1 $P1 --parallelism.replicate_frozen true
+  run s2_full_sgd_acfull 150 $S2F --ac full
   run s1_best_prof 75 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1"
   run s2_sacop 120 $S2 --ac selective
   run s2_noac 120 $S2 --ac none
+  run s1_best_repl 75 $S1 $P1 --parallelism.replicate_frozen true
+  run s2_full_sgd_sacop 120 $S2F --ac selective
   run s2_sacop_visiontower 100 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   run s1_best_untrim 75 $S1 $P1 --no-trim-last-block
   run s1_best_fulllogits 75 $S1 $P1 --full-logits

@@ -144,7 +144,7 @@ def test_kernel_summary_per_step_and_device_events_only():
 @pytest.mark.parametrize(
     "stage,extra",
     [
-        (1, ["--no-trim-last-block", "--optimizer.implementation", "fused"]),
+        (1, ["--no-trim-last-block", "--optimizer.implementation", "fused", "--sgd-standin"]),
         (2, ["--llm-layers", "1", "--profile", "prof", "--optimizer.implementation", "fused",
              "--no-defer-check", "--full-logits"]),
     ],
@@ -203,6 +203,16 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     assert not r["trim_last_block"]
     assert r["full_logits"] == (stage == 2)
     assert ("logits at every position" in proc.stdout) == (stage == 2)
+    # --sgd-standin (stage 1 here): a state-free SGD in AdamW's place, and the rate with AdamW's
+    # step estimated from SGD's (7/3 of its optimizer time).
+    if stage == 1:
+        assert r["optimizer"].startswith("SGD stand-in") and "OPTIMIZER: SGD stand-in" in proc.stdout
+        adamw_s = elapsed + 2 * bd["optimizer"] * (7 / 3 - 1) / 1e3
+        assert r["adamw_estimate_samples_per_s"] == pytest.approx(
+            r["samples_per_s"] * elapsed / adamw_s
+        )
+    else:
+        assert r["optimizer"] == "AdamW" and r["adamw_estimate_samples_per_s"] is None
     # Fused AdamW reads each step's numbers a step later unless --no-defer-check.
     assert r["deferred_check"] == (stage == 1)
     assert f"step check deferred {stage == 1}" in proc.stdout

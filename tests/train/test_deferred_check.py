@@ -111,3 +111,19 @@ def test_non_finite_on_one_rank_skips_on_every_rank(tmp_path):
     out = p.stdout + p.stderr
     assert out.count("step 3: non-finite loss") >= 2, out[-4000:]
     assert not os.path.exists(os.path.join(dump, "metrics.jsonl")) or not metrics(dump)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    dump = str(tmp_path)
+    ckpt_args = ["--checkpoint.enable", "true", "--checkpoint.interval", "100"]
+    # BASE disables checkpoints; the later flags win.
+    p = train(dump, *FUSED, *BASE, *ckpt_args, "--metrics.log_freq", "5", nproc=2,
+              fault="sigterm_accum@2@1")  # fmt: skip
+    # torchrun reports 1 for the workers' 75 (run_train.sh passes 75 through; tested there).
+    assert p.returncode != 0
+    # Rank 1's flag (step 2) is read by both ranks during step 3: both save step 3 (a complete
+    # checkpoint needs every rank's part) and stop. (Only the count of messages can vary: torchrun
+    # may stop one rank before it prints.)
+    out = p.stdout + p.stderr
+    assert "SIGTERM: checkpoint of step 3 saved; exiting with status 75" in out, out[-3000:]
+    assert complete_steps(ckpt(dump)) == ([3], [])
