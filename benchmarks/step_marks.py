@@ -52,7 +52,8 @@ class StepMarks:
                 elif name in ("opt_start", "opt_end"):
                     bucket = "optimizer"
                 elif name == "bwd_end" and nxt == "opt_start":
-                    bucket = "grad_norm_clip"  # incl. the trainer's one host sync per step
+                    # Incl. the host read of the step's numbers where it is not deferred.
+                    bucket = "grad_norm_clip"
                 else:
                     bucket = "llm"  # embeddings, projector, LLM forward/backward, loss
                 totals[bucket] += self._ms(t0, t1)
