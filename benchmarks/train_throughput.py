@@ -214,7 +214,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     if not a.trim_last_block:
         untrim_last_block(trainer.model.language_model)
     if not a.defer_check:
-        trainer.defer_check = False
+        trainer.step_check.defer = False
     if a.full_logits:
         full_logits_loss(trainer)
     if a.sgd_standin:
@@ -336,7 +336,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "trim_last_block": a.trim_last_block and not a.full_logits,
         "full_logits": a.full_logits,
         # Whether the step's numbers were read a step later (fused AdamW) or before each update.
-        "deferred_check": trainer.defer_check,
+        "deferred_check": trainer.step_check.defer,
         "attn_backend": trainer.cfg.model.attn_backend,
         # What the LLM's packed rows ran on (activations are bf16 on CUDA, fp32 on CPU).
         "torch_varlen": a.packing
@@ -426,6 +426,7 @@ def sgd_standin(trainer: Trainer) -> None:
     trainer.optimizer = _StandinSGD(
         groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0, foreach=True
     )
+    trainer.step_check.optimizer = trainer.optimizer  # arms (and drops) found_inf on it
 
 
 def full_logits_loss(trainer: Trainer) -> None:

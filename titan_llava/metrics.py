@@ -9,9 +9,13 @@ import logging
 import math
 import os
 import sys
-from typing import Any, TextIO
+import time
+from typing import Any, Sequence, TextIO
 
 import torch
+
+from titan_llava.flops import document_lengths, step_flops
+from titan_llava.models.args import LlavaNextArgs
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,53 @@ def format_duration(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def step_counts(
+    microbatches: list, pad_id: int, model_args: LlavaNextArgs, trainable: Sequence[str]
+) -> dict[str, float]:
+    """Per-rank token / sample / model-FLOP counts of one step from the host copies of its
+    micro-batches (titan_llava.data.batch.Batch), so counting never waits on the device."""
+    lengths: list[int] = []
+    tiles = image_tokens = samples = 0
+    for mb in microbatches:
+        lengths += document_lengths(mb.input_ids, pad_id, mb.document_ids)
+        tiles += 0 if mb.pixel_values is None else int(mb.pixel_values.shape[0])
+        image_tokens += mb.num_image_positions
+        samples += sum(len(ids) for ids in mb.sample_ids)
+    tokens = sum(lengths)
+    head_tokens = sum(int(mb.loss_index.shape[0]) for mb in microbatches)
+    flops = step_flops(model_args, lengths, tiles, trainable, head_tokens=head_tokens).total
+    return {
+        "tokens": tokens,
+        "image_tokens": image_tokens,
+        "text_tokens": tokens - image_tokens,
+        "samples": samples,
+        "flops": flops,
+    }
+
+
+class StepWindow:
+    """Per-rank sums of the step counts (and data wait) since the last log line, the number of
+    steps and the wall time since then."""
+
+    KEYS = ("tokens", "image_tokens", "text_tokens", "samples", "flops", "data_wait_s")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, counts: dict[str, float], data_wait_s: float) -> None:
+        for k, v in counts.items():
+            self.sums[k] += v
+        self.sums["data_wait_s"] += data_wait_s
+        self.steps += 1
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.t0
 
 
 class MetricsLogger:

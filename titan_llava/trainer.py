@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -39,37 +37,15 @@ from titan_llava.distributed.utils import (
     set_determinism,
     setup_logging,
 )
-from titan_llava.flops import document_lengths, peak_flops, step_flops
+from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
-from titan_llava.metrics import MetricsLogger, device_memory_gib
+from titan_llava.metrics import MetricsLogger, StepWindow, device_memory_gib, step_counts
 from titan_llava.models.args import llava_args_to_dict
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import PART_PREFIXES, build_lr_scheduler, build_optimizer, part_of
+from titan_llava.step_check import StepCheck, StepRecord
 
 logger = logging.getLogger("titan_llava")
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm of a step is NaN/inf; raised on every rank, with that step's
-    update not applied (parameters and AdamW state as after the step before). Terminal: with the
-    deferred check the lr scheduler has already moved on, so the run must resume from a checkpoint,
-    never continue."""
-
-
-@dataclass
-class StepRecord:
-    """One optimizer step as the host sees it: counts of its batches (host), and its loss, stop
-    flag and gradient norm, reduced over ranks on the device and copied to the host
-    asynchronously, so that reading them can wait until the next step's work is queued."""
-
-    step: int
-    counts: dict[str, float]
-    data_wait_s: float
-    lr: float
-    sample_ids: list[int]
-    stats: torch.Tensor | None = None  # [loss, stop, grad_norm], host memory (pinned on CUDA)
-    ready: torch.cuda.Event | None = None  # recorded after the copy to `stats` (CUDA)
-    values: tuple[float, float, float] | None = field(default=None, repr=False)  # once read
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
@@ -151,13 +127,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.total_steps)
         self.step = 0
-        self._preempt = False  # set when a step's reduced stop flag is read: some rank got SIGTERM
-        # Fused AdamW can skip a non-finite step on the device (found_inf), so a step's loss and
-        # gradient norm are read on the host only once the next step's forward/backward is queued:
-        # no host sync per step, so the host prepares the next step while the GPU runs this one.
-        # Other optimizer implementations read them (a sync) before their update.
-        self.defer_check = all(g.get("fused") for g in self.optimizer.param_groups)
-        self._pending: StepRecord | None = None
+        # When each step's loss / grad norm / SIGTERM flag are read on the host: with fused AdamW
+        # during the next step (no host sync per step), otherwise before the update.
+        self.step_check = StepCheck(self.optimizer)
+        self.window = StepWindow()
         self.metrics = MetricsLogger(
             cfg.job.dump_folder,
             self.total_steps,
@@ -266,10 +239,11 @@ class Trainer:
     def train_step(self, microbatches: list[Batch], record: StepRecord) -> StepRecord:
         """Forward/backward every micro-batch, read the previous step's numbers if they were left
         pending (by now this step's work is queued behind them), then clip and update. Fills
-        `record.stats`; `_read` checks them (raising NonFiniteError) and `_finish` logs them."""
+        `record.stats`; `step_check.read` checks them (raising NonFiniteError), `_finish` logs
+        them."""
         loss_total = self._forward_backward(microbatches)
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
+        pending = self.step_check.take_pending()
+        if pending is not None:
             self._finish(pending)
         self._update(loss_total, record)
         return record
@@ -305,7 +279,7 @@ class Trainer:
     def _update(self, loss_total: torch.Tensor, record: StepRecord) -> None:
         """Gradient norm, the step's one small all-reduce (loss, and whether any rank got SIGTERM),
         clip, optimizer and scheduler step. A non-finite step is never applied: checked on the
-        host before the update, or (defer_check) skipped on the device by fused AdamW."""
+        host before the update, or skipped on the device by fused AdamW (StepCheck)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in params if p.grad is not None], foreach=True
@@ -318,22 +292,7 @@ class Trainer:
             dist.all_reduce(reduced)
             reduced[0] /= self.world_size
         norm = grad_norm.to(device=reduced.device, dtype=torch.float32)
-        stats = torch.stack([reduced[0], reduced[1], norm])
-        if self.device.type == "cuda":
-            record.stats = torch.empty(3, dtype=stats.dtype, pin_memory=True)
-            record.stats.copy_(stats, non_blocking=True)
-            record.ready = torch.cuda.Event()
-            record.ready.record()
-        else:
-            record.stats = stats.cpu()
-        if self.defer_check:
-            # Every rank computes the same flag from the same reduced numbers, so all skip together.
-            # (Elementwise on the 0-dim tensors: indexing `stats` with a list would copy the index
-            # to the device synchronously, the very sync this avoids.)
-            finite = torch.isfinite(reduced[0]) & torch.isfinite(norm)
-            self.optimizer.found_inf = (~finite).float()
-        else:
-            self._read(record)
+        self.step_check.stage(record, reduced[0], reduced[1], norm)
         max_norm = self.cfg.training.max_norm
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
@@ -341,46 +300,24 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _read(self, record: StepRecord) -> tuple[float, float, float]:
-        """The step's reduced (loss, stop, grad_norm) on the host, waiting for them if needed.
-        Raises NonFiniteError (on every rank: the numbers are the same everywhere)."""
-        if record.values is None:
-            if record.ready is not None:
-                record.ready.synchronize()
-            loss, stop, norm = record.stats.tolist()
-            record.values = (loss, stop, norm)
-            self._preempt = self._preempt or stop > 0
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(
-                    f"step {record.step}: non-finite loss ({loss}) or gradient norm ({norm}); "
-                    f"stopping without applying it (the parameters are those after step "
-                    f"{record.step - 1})"
-                )
-        return record.values
-
     def _finish(self, record: StepRecord) -> None:
         """Check a step's numbers, then account for it: manifest, token count, metrics window,
         and the log line on log steps (whose records are finished in their own step)."""
-        loss, _, grad_norm = self._read(record)
+        loss, _, grad_norm = self.step_check.read(record)
         if self.manifest is not None:
             self.manifest.write(record.step, record.sample_ids)
         self.checkpointer.add_tokens(record.counts["tokens"])
-        w = self._window
-        for k, v in record.counts.items():
-            w[k] += v
-        w["data_wait_s"] += record.data_wait_s
-        self._steps_in_window += 1
+        w = self.window
+        w.add(record.counts, record.data_wait_s)
         if record.step % self.cfg.metrics.log_freq == 0 or record.step == self.total_steps:
-            totals = all_reduce_scalars(w, self.device, op="sum")
-            interval = time.perf_counter() - self._t_window
+            totals = all_reduce_scalars(w.sums, self.device, op="sum")
             self.metrics.log(
                 record.step,
                 loss=loss,
                 grad_norm=grad_norm,
                 lr=record.lr,
-                interval_s=interval,
-                steps_in_interval=self._steps_in_window,
+                interval_s=w.elapsed_s(),
+                steps_in_interval=w.steps,
                 tokens=int(totals["tokens"]),
                 text_tokens=int(totals["text_tokens"]),
                 image_tokens=int(totals["image_tokens"]),
@@ -390,37 +327,13 @@ class Trainer:
                 skipped=all_reduce_counts(self.data_loader.skip_counts()),
                 memory_gib=device_memory_gib(self.device),
             )
-            self._reset_window()
-
-    def _reset_window(self) -> None:
-        self._window = dict.fromkeys(
-            ("tokens", "image_tokens", "text_tokens", "samples", "flops", "data_wait_s"), 0.0
-        )
-        self._steps_in_window, self._t_window = 0, time.perf_counter()
+            w.reset()
 
     def _step_counts(self, microbatches: list[Batch]) -> dict[str, float]:
-        """Per-rank token/sample/FLOP counts of a step (summed over ranks when logged), from the
-        host copies of its micro-batches."""
-        pad_id = self.tokenizer.pad_id
-        lengths: list[int] = []
-        tiles = image_tokens = tokens = samples = 0
-        for mb in microbatches:
-            lengths += document_lengths(mb.input_ids, pad_id, mb.document_ids)
-            tiles += 0 if mb.pixel_values is None else int(mb.pixel_values.shape[0])
-            image_tokens += mb.num_image_positions
-            samples += sum(len(ids) for ids in mb.sample_ids)
-        tokens = sum(lengths)
-        head_tokens = sum(int(mb.loss_index.shape[0]) for mb in microbatches)
-        flops = step_flops(
-            self.model_args, lengths, tiles, self.cfg.training.trainable, head_tokens=head_tokens
-        ).total
-        return {
-            "tokens": tokens,
-            "image_tokens": image_tokens,
-            "text_tokens": tokens - image_tokens,
-            "samples": samples,
-            "flops": flops,
-        }
+        """Per-rank token/sample/FLOP counts of a step (summed over ranks when logged)."""
+        return step_counts(
+            microbatches, self.tokenizer.pad_id, self.model_args, self.cfg.training.trainable
+        )
 
     def train(self) -> int:
         """Runs to the last step (returns 0) or to a SIGTERM (saves, returns PREEMPTED_EXIT_CODE)."""
@@ -435,12 +348,12 @@ class Trainer:
             + (
                 "; each step's loss is checked during the next step (fused AdamW skips a "
                 "non-finite step on the device), log and checkpoint steps in their own"
-                if self.defer_check
+                if self.step_check.defer
                 else "; each step's loss is checked before its update"
             )
         )
-        self._reset_window()
-        self._pending = None
+        self.window.reset()
+        self.step_check.pending = None
         while self.step < self.total_steps:
             self.step += 1
             microbatches, data_wait = self._next_microbatches()
@@ -460,17 +373,17 @@ class Trainer:
             # line, a checkpoint (never of a step not yet checked), the end, a stop; otherwise
             # the next step reads them once its own work is queued.
             if (
-                not self.defer_check
-                or self._preempt
+                not self.step_check.defer
+                or self.step_check.stop
                 or self.step == self.total_steps
                 or self.step % cfg.metrics.log_freq == 0
                 or self.checkpointer.save_due(self.step)
             ):
                 self._finish(record)
             else:
-                self._pending = record
+                self.step_check.pending = record
                 continue
-            preempted = self._preempt  # all ranks agree: reduced with the step's loss
+            preempted = self.step_check.stop  # all ranks agree: reduced with the step's loss
             self.checkpointer.maybe_save(
                 self.step, force=preempted or self.step == self.total_steps
             )

@@ -18,7 +18,8 @@ import torch
 
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
-from titan_llava.trainer import NonFiniteError, Trainer
+from titan_llava.step_check import NonFiniteError
+from titan_llava.trainer import Trainer
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -43,12 +44,12 @@ def main() -> None:
     out_path, argv = sys.argv[1], sys.argv[2:]
     trainer = Trainer(load_config(argv))
     if os.environ.get("PROBE_NO_DEFER") == "1":
-        trainer.defer_check = False
+        trainer.step_check.defer = False
     cuda = trainer.device.type == "cuda"
     reads: list[list[int]] = []  # [step whose numbers were read, step running at that moment]
     at_start: dict[int, dict[str, torch.Tensor]] = {}  # parameters + state when each step began
     syncs: dict[int, int] = {}  # CUDA: host syncs during each step left pending
-    orig_read, orig_step = trainer._read, trainer.train_step
+    orig_read, orig_step = trainer.step_check.read, trainer.train_step
 
     def read(record):
         if record.values is None:
@@ -70,7 +71,7 @@ def main() -> None:
         syncs[record.step] = sum("synchroniz" in str(w.message) for w in caught)
         return out
 
-    trainer._read, trainer.train_step = read, train_step
+    trainer.step_check.read, trainer.train_step = read, train_step
     error = None
     try:
         trainer.train()
@@ -79,7 +80,7 @@ def main() -> None:
     final = _snapshot(trainer)
     read_in_own_step = {s for s, during in reads if s == during}
     record = {
-        "defer_check": trainer.defer_check,
+        "defer_check": trainer.step_check.defer,
         "reads": reads,
         "error": error,
         "final_finite": all(bool(t.isfinite().all()) for t in final.values()),
