@@ -2,7 +2,7 @@
 # The GPU measurement of benchmarks/train_throughput.py in one go (one H100/H200): stage 1 at the
 # full 7B, stage 2 at the real 7B width with 8 LLM layers, eager then per-block compile, then
 # stage 1 without packing. Each run has its own time limit and log; runs that would not fit in
-# BUDGET_S seconds are skipped. Dry run on CPU: FLAVOR=debug EXTRA='--steps 1 --warmup 1'.   OUT=results_dir BUDGET_S=400 benchmarks/train_throughput_gpu.sh
+# BUDGET_S seconds are skipped; ONLY='name ...' runs just the named runs of a plan. Dry run on CPU: FLAVOR=debug EXTRA='--steps 1 --warmup 1'.   OUT=results_dir BUDGET_S=400 benchmarks/train_throughput_gpu.sh
 # PLAN=round2: packed rows on torch's varlen kernel vs the dense mask, no packing, selective AC
 # (stage 1 only, STEPS=6 measured steps; runs benchmarks/varlen_parity.py first).
 # PLAN=round3: stage 1 with bf16 storage of the frozen parts, one long packed row per micro-batch
@@ -32,6 +32,9 @@ log() { tee -a "$OUT/summary.txt"; }
 timed() {  # name limit_s command...: run it under a time limit (skipped if BUDGET_S has no room), log to $OUT/name.log
   local name=$1 limit=$2
   shift 2
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
+    return 1  # ONLY="name ...": run just these (a second call on a warm machine picks up a plan's tail)
+  fi
   if (( SECONDS + limit > BUDGET_S )); then
     echo "skip $name: $((BUDGET_S - SECONDS)) s left" | log
     return 1
