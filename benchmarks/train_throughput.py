@@ -307,7 +307,11 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         destroy_distributed()
 
     n = len(counts)
-    assert n == a.steps, (n, a.steps)
+    if n != a.steps:
+        # The trainer returned early: SIGTERM (a time limit: it saves a checkpoint and returns) or
+        # a stop flag. Too few measured steps for a figure.
+        raise SystemExit(f"error: only {n} of the {a.steps} measured steps ran (SIGTERM / time "
+                         f"limit during warm-up or compile?); no figures")
     tot = {k: sum(c[k] for c in counts) for k in counts[0]}
     step_s = elapsed / n
     peak = peak_flops(device)

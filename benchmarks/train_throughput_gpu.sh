@@ -16,6 +16,7 @@
 # kernel profiles (--profile) of the best stage-1 and stage-2 configs, stage 2 at the FULL depth with
 # a state-free SGD standing in for AdamW (--sgd-standin), stage 2 without AC and with the vision
 # tower as one FSDP unit, the sync count.
+# PLAN=round7: what round 6 left (see the plan's comment).
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -76,7 +77,7 @@ defer_probe() {  # limit_s: the deferred step check on this device (fused AdamW'
   timed defer_probe "$1" env TITAN_LLAVA_FAULT=nan_loss@3 python -m tests.train.step_check_probe "$out" \
     --job.config_file train_configs/debug_model.toml --job.dump_folder "$OUT/defer_probe" \
     --training.steps 6 --metrics.log_freq 5 --checkpoint.enable false --optimizer.implementation fused || return 0
-  if python -c "import json, sys; r = json.load(open(sys.argv[1])); print('defer_probe:', {k: r[k] for k in ('defer_check', 'reads', 'error', 'final_equals_start_of', 'syncs_in_deferred_steps', 'syncs_by_step')}); sys.exit(not (r['error'] or '').startswith('step 3: non-finite') or r['final_equals_start_of'] != [3, 4])" "$out" 2>&1 | log; then
+  if python -c "import json, sys; r = json.load(open(sys.argv[1])); print('defer_probe:', {k: r[k] for k in ('defer_check', 'reads', 'error', 'final_equals_start_of', 'syncs_in_deferred_steps', 'syncs_by_step', 'sync_sites')}); sys.exit(not (r['error'] or '').startswith('step 3: non-finite') or r['final_equals_start_of'] != [3, 4])" "$out" 2>&1 | log; then
     echo "defer_probe: OK" | log
   else
     echo "defer_probe: FAILED (see defer_probe.log): later runs use --no-defer-check" | log
@@ -154,9 +155,9 @@ round6)  # the deferred step check, replicate_frozen, the last-block trim, logit
   defer_probe 60
   run s1_best 90 $S1 $P1
   run s1_best_nodefer 75 $S1 $P1 --no-defer-check
-  run s2_full_sgd_acfull 150 $S2F --ac full
+  run s2_full_sgd_acfull 200 $S2F --ac full
   run s1_best_prof 75 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1"
-  run s2_sacop 120 $S2 --ac selective
+  run s2_sacop 200 $S2 --ac selective
   run s2_noac 120 $S2 --ac none
   run s1_best_repl 75 $S1 $P1 --parallelism.replicate_frozen true
   run s2_full_sgd_sacop 120 $S2F --ac selective
@@ -166,6 +167,22 @@ round6)  # the deferred step check, replicate_frozen, the last-block trim, logit
   run s1_pack8k_syncs 45 --stage 1 --steps 3 --local-batch-size 1 --data.packing_row_len 8192 --sync-debug
   micro patch_embed 40 python benchmarks/patch_embed.py
   run s2_sacop_prof 100 $S2 --steps 2 --ac selective --profile "$OUT/prof_s2"
+  ;;
+round7)  # after round 6 (which ran out of time at stage 2 with selective AC: its cold compile took
+  # > 110 s): the full-depth AC policies in one call (SGD stand-in), the stage-1 profile with
+  # replicate_frozen, stage 2 at 8 layers selective vs no AC in one call, the tower as one FSDP
+  # unit; defer_probe first also names the site of the one host sync round 6 saw in step 1
+  S1="--stage 1 --steps ${STEPS:-6}"
+  S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
+  P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
+  S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
+  defer_probe 60
+  run s2_full_sgd_sacop 220 $S2F --ac selective
+  run s2_full_sgd_acfull 150 $S2F --ac full
+  run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
+  run s2_sacop 200 $S2 --ac selective
+  run s2_noac 120 $S2 --ac none
+  run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   ;;
 probe)  # only the deferred-step-check probe (seconds)
   defer_probe 60

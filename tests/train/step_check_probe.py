@@ -9,6 +9,7 @@ PROBE_NO_DEFER=1 in the environment: read every step before its update (no found
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -49,6 +50,7 @@ def main() -> None:
     reads: list[list[int]] = []  # [step whose numbers were read, step running at that moment]
     at_start: dict[int, dict[str, torch.Tensor]] = {}  # parameters + state when each step began
     syncs: dict[int, int] = {}  # CUDA: host syncs during each step left pending
+    sites: collections.Counter[str] = collections.Counter()  # "step: file:line" of each
     orig_read, orig_step = trainer.step_check.read, trainer.train_step
 
     def read(record):
@@ -68,7 +70,10 @@ def main() -> None:
                 out = orig_step(mbs, record)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        syncs[record.step] = sum("synchroniz" in str(w.message) for w in caught)
+        hits = [w for w in caught if "synchroniz" in str(w.message)]
+        syncs[record.step] = len(hits)
+        for w in hits:  # where: the Python line that made the sync call
+            sites[f"{record.step}: {os.path.relpath(w.filename)}:{w.lineno}"] += 1
         return out
 
     trainer.step_check.read, trainer.train_step = read, train_step
@@ -90,6 +95,7 @@ def main() -> None:
         # runs no read), and for all steps.
         "syncs_in_deferred_steps": sum(n for s, n in syncs.items() if s not in read_in_own_step),
         "syncs_by_step": syncs,
+        "sync_sites": dict(sites),
     }
     torch.save({k: v for k, v in final.items() if "/" not in k}, out_path + ".params.pt")
     trainer.close()
