@@ -4,12 +4,21 @@ collectives, copies, optimizer, eager elementwise) and per kernel, plus a Chrome
 
 On CUDA the figures are kernel (device) self time; on CPU, operator self time (there are no
 kernels). Categories come from kernel/operator names, so they are a guide, not an exact split.
+
+Phases (CUDA): `install_phase_markers` puts a zero-length profiler annotation ("phase: fwd X",
+"phase: bwd X") at the start of each block's forward and backward, the projector, the final norm
+and head, and the optimizer step. From the trace, each kernel is attributed to the last marker
+before the host call that launched it, and each gap in the device timeline (the device idle) to
+the phase of the kernel that ends it: which part of the step the GPU waits on the host in.
 """
 
 from __future__ import annotations
 
+import bisect
+import gzip
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +61,7 @@ class KernelSummary:
     top: list[dict] = field(default_factory=list)  # name, category, ms_per_step, calls_per_step
     trace: str | None = None
     busy_ms_per_step: float | None = None  # CUDA: time any kernel/copy runs (the union of them)
+    phases: dict | None = None  # CUDA with phase markers: phase_table()
 
     @property
     def total_ms_per_step(self) -> float:
@@ -75,6 +85,8 @@ class KernelSummary:
                 f"  device busy (any kernel or copy running) {self.busy_ms_per_step:.2f} ms = "
                 f"{busy:.1f}% of the step; idle {100 - busy:.1f}% (waiting on the host)"
             )
+        if self.phases:
+            lines.append(format_phases(self.phases))
         lines.append(f"top {min(top_n, len(self.top))} by time: ms/step, calls/step, category, name")
         for k in self.top[:top_n]:
             name = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
@@ -93,6 +105,7 @@ class KernelSummary:
             "categories_ms_per_step": self.categories,
             "top": self.top if top_n is None else self.top[:top_n],
             "trace": self.trace,
+            "phases": self.phases,
         }
 
 
@@ -128,6 +141,9 @@ class StepProfiler:
         if trace:
             summary.trace = os.path.join(self.out_dir, "trace.json.gz")
             self.prof.export_chrome_trace(summary.trace)
+            if self.cuda:
+                with gzip.open(summary.trace, "rt") as f:
+                    summary.phases = phase_table(json.load(f).get("traceEvents", []), steps)
         with open(os.path.join(self.out_dir, "kernel_profile.json"), "w") as f:
             json.dump(summary.to_json(), f, indent=1)
         return summary
@@ -168,3 +184,96 @@ def summarise(averages, cuda: bool, steps: int, wall_s: float) -> KernelSummary:
             {"name": name, "category": cat, "ms_per_step": ms, "calls_per_step": calls}
         )
     return summary
+
+
+PHASE_PREFIX = "phase: "
+
+
+def phase_marker(name: str) -> None:
+    """A zero-length annotation in the profiler's trace (cheap when no profiler runs)."""
+    with torch.profiler.record_function(PHASE_PREFIX + name):
+        pass
+
+
+def install_phase_markers(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Markers at the start of the forward and (through a hook on the output's gradient) the
+    backward of each vision and LLM block, the vision tower, the projector, the LLM's final
+    norm, and at the optimizer step. Public module / tensor / optimizer hooks only: the model is
+    unchanged, and compiled blocks stay compiled (module hooks run outside the compiled forward)."""
+
+    def mark(module: torch.nn.Module, name: str) -> None:
+        def pre(_m, _args):
+            phase_marker(f"fwd {name}")
+
+        def post(_m, _args, out):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(lambda _g: phase_marker(f"bwd {name}"))
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    mark(model.vision_tower, "vision_tower")
+    for i, block in enumerate(model.vision_tower.layers.values()):
+        mark(block, f"vision_tower.layers.{i}")
+    mark(model.projector, "projector")
+    llm = model.language_model
+    for i, block in enumerate(llm.layers.values()):
+        mark(block, f"language_model.layers.{i}")
+    mark(llm.norm, "language_model.norm+output")
+    optimizer.register_step_pre_hook(lambda *_: phase_marker("optimizer"))
+
+
+def phase_table(events: list[dict], steps: int, top_gaps: int = 5) -> dict | None:
+    """Device time per phase from a Chrome trace's events (see the module docstring): kernel ms
+    and idle ms per step by phase group (block indices folded into N), and the largest gaps.
+    None when the trace has no phase markers or no device events."""
+    launch_ts = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    marks = sorted(
+        (e["ts"], e["name"][len(PHASE_PREFIX):])
+        for e in events
+        if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith(PHASE_PREFIX)
+    )
+    device = sorted(
+        (e for e in events
+         if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: e["ts"],
+    )
+    if not marks or not device:
+        return None
+    mark_ts = [m[0] for m in marks]
+    groups: dict[str, dict[str, float]] = {}
+    gaps: list[tuple[float, str, str]] = []
+    end = None
+    for e in device:
+        t = launch_ts.get(e.get("args", {}).get("correlation"))
+        i = bisect.bisect_right(mark_ts, t) - 1 if t is not None else -1
+        phase = marks[i][1] if i >= 0 else "(before the first marker)"
+        g = groups.setdefault(re.sub(r"\.\d+(?=$|\b)", ".N", phase), {"kernel_ms": 0.0, "idle_ms": 0.0})
+        g["kernel_ms"] += e["dur"] / 1e3 / steps
+        if end is not None and e["ts"] > end:
+            gap = e["ts"] - end
+            g["idle_ms"] += gap / 1e3 / steps
+            gaps.append((gap / 1e3, phase, e["name"]))
+        end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+    gaps.sort(key=lambda x: -x[0])
+    return {
+        "groups": dict(sorted(groups.items(), key=lambda kv: -(kv[1]["kernel_ms"] + kv[1]["idle_ms"]))),
+        "largest_gaps": [{"ms": ms, "phase": ph, "next_kernel": k} for ms, ph, k in gaps[:top_gaps]],
+    }
+
+
+def format_phases(phases: dict) -> str:
+    lines = ["device time by phase (kernels by the phase that launched them; idle = the gaps that "
+             "end in that phase), ms/step:",
+             f"  {'phase':50s} {'kernels':>9s} {'idle':>8s}"]
+    for name, g in phases["groups"].items():
+        lines.append(f"  {name:50s} {g['kernel_ms']:9.2f} {g['idle_ms']:8.2f}")
+    for g in phases["largest_gaps"]:
+        k = g["next_kernel"] if len(g["next_kernel"]) <= 50 else g["next_kernel"][:47] + "..."
+        lines.append(f"  gap {g['ms']:8.2f} ms in {g['phase']} before {k}")
+    return "\n".join(lines)

@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_profile import StepProfiler
+from kernel_profile import StepProfiler, install_phase_markers, phase_marker
 from throughput_report import depth_scaled_rate, report
 from step_marks import StepMarks, install_probes
 from synthetic_data import TOKENIZER_PATH, write_dataset
@@ -227,6 +227,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     clock: dict[str, float] = {}
     records: list[dict] = []
     profiler = StepProfiler(a.profile, cuda) if a.profile else None
+    if profiler is not None:
+        install_phase_markers(trainer.model, trainer.optimizer)
     kernels = None
 
     orig_next, orig_step = trainer._next_microbatches, trainer.train_step
@@ -247,6 +249,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         return mbs, wait
 
     def train_step(mbs, record):
+        if profiler is not None:
+            phase_marker("step start")
         marks.begin_step()
         marks.mark("start")
         out = orig_step(mbs, record)

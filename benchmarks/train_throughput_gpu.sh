@@ -170,8 +170,8 @@ round6)  # the deferred step check, replicate_frozen, the last-block trim, logit
   ;;
 round7)  # after round 6 (which ran out of time at stage 2 with selective AC: its cold compile took
   # > 110 s): the full-depth AC policies in one call (SGD stand-in), the stage-1 profile with
-  # replicate_frozen, stage 2 at 8 layers selective vs no AC in one call, the tower as one FSDP
-  # unit; defer_probe first also names the site of the one host sync round 6 saw in step 1
+  # replicate_frozen, stage 2 at 8 layers selective vs no AC in one call, foreach vs fused AdamW
+  # (the step check then reads before the update), the tower as one FSDP unit; defer_probe first also names the site of the one host sync round 6 saw in step 1
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
@@ -182,6 +182,7 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_sacop 200 $S2 --ac selective
   run s2_noac 120 $S2 --ac none
+  run s2_sacop_foreach 120 $S2 --ac selective --optimizer.implementation foreach
   run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   ;;
 probe)  # only the deferred-step-check probe (seconds)

@@ -2,6 +2,7 @@
 charges each segment to the right part, and a 2-step debug run prints every figure, consistently.
 """
 
+import gzip
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from PIL import Image
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from kernel_profile import category, summarise, union_length
+from kernel_profile import category, format_phases, phase_table, summarise, union_length
 from step_marks import StepMarks
 from synthetic_data import write_dataset
 
@@ -141,6 +142,54 @@ def test_kernel_summary_per_step_and_device_events_only():
     assert "matmul" in text and "110.0% of the 5.0 ms step" in text
 
 
+def _ev(cat, name, ts, dur=0.0, corr=None):
+    e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {}}
+    if corr is not None:
+        e["args"]["correlation"] = corr
+    return e
+
+
+def test_phase_table_attributes_kernels_and_idle_to_the_launching_phase():
+    # Times in microseconds, as in a Chrome trace. Host: marker "fwd ...layers.0" at 0 launches
+    # k1 at 1,000 and k2 at 2,000; marker "fwd projector" at 10,000 launches k3 at 11,000;
+    # "optimizer" at 50,000 launches a copy at 51,000. Device: k1 [5, 15) ms, k2 [15, 20), k3
+    # [30, 40) (10 ms idle before it), the copy [100, 104) (60 ms idle). k0 has no launch record.
+    # k2 runs after the projector's marker but was launched before it: it counts for layers.0.
+    events = [
+        _ev("user_annotation", "phase: fwd language_model.layers.0", 0),
+        _ev("user_annotation", "phase: fwd projector", 10_000),
+        _ev("user_annotation", "phase: optimizer", 50_000),
+        _ev("user_annotation", "FSDP::pre_forward", 49_000),  # not a phase marker
+        _ev("cuda_runtime", "cudaLaunchKernel", 1_000, 1, corr=1),
+        _ev("cuda_driver", "cuLaunchKernel", 2_000, 1, corr=2),
+        _ev("cuda_runtime", "cudaLaunchKernel", 11_000, 1, corr=3),
+        _ev("cuda_runtime", "cudaMemcpyAsync", 51_000, 1, corr=4),
+        _ev("kernel", "k0", 4_000, 1_000),
+        _ev("kernel", "k1", 5_000, 10_000, corr=1),
+        _ev("kernel", "k2", 15_000, 5_000, corr=2),
+        _ev("kernel", "k3", 30_000, 10_000, corr=3),
+        _ev("gpu_memcpy", "Memcpy HtoD", 100_000, 4_000, corr=4),
+    ]
+    t = phase_table(events, steps=1)
+    g = t["groups"]
+    assert g["fwd language_model.layers.N"] == {"kernel_ms": 15.0, "idle_ms": 0.0}
+    assert g["fwd projector"] == {"kernel_ms": 10.0, "idle_ms": 10.0}
+    assert g["(before the first marker)"] == {"kernel_ms": 1.0, "idle_ms": 0.0}
+    assert g["optimizer"] == {"kernel_ms": 4.0, "idle_ms": 60.0}
+    assert list(g) == ["optimizer", "fwd projector", "fwd language_model.layers.N",
+                       "(before the first marker)"]  # by kernel + idle time
+    assert [x["ms"] for x in t["largest_gaps"]] == [60.0, 10.0]
+    assert t["largest_gaps"][1] == {"ms": 10.0, "phase": "fwd projector",
+                                    "next_kernel": "k3"}
+    text = format_phases(t)
+    assert "fwd language_model.layers.N" in text and "gap    60.00 ms in optimizer before" in text
+    # Per step: two steps halve every figure.
+    assert phase_table(events, steps=2)["groups"]["optimizer"] == {"kernel_ms": 2.0, "idle_ms": 30.0}
+    # No markers (or no device events): no table rather than a misleading one.
+    assert phase_table([e for e in events if not e["name"].startswith("phase: ")], 1) is None
+    assert phase_table([e for e in events if e["cat"] == "user_annotation"], 1) is None
+
+
 @pytest.mark.parametrize(
     "stage,extra",
     [
@@ -197,6 +246,16 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert sum(kp["categories_ms_per_step"].values()) == pytest.approx(kp["total_ms_per_step"])
         assert (tmp_path / "prof" / "kernel_profile.json").exists()
         assert (tmp_path / "prof" / "trace.json.gz").stat().st_size > 0
+        # The phase markers reach the trace (the phase table itself needs device kernels: CUDA).
+        with gzip.open(tmp_path / "prof" / "trace.json.gz", "rt") as f:
+            names = {e.get("name") for e in json.load(f)["traceEvents"]
+                     if e.get("cat") == "user_annotation"}
+        for phase in ("step start", "fwd vision_tower", "fwd vision_tower.layers.0",
+                      "bwd vision_tower.layers.0", "fwd projector", "bwd projector",
+                      "fwd language_model.layers.0", "bwd language_model.layers.0",
+                      "fwd language_model.norm+output", "optimizer"):
+            assert "phase: " + phase in names, phase
+        assert kp["phases"] is None
     else:
         assert not r["profiled"] and r["kernel_profile"] is None
     # Stage 1 untrims the last block itself; stage 2 by computing logits on every position.
