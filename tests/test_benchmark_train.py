@@ -329,3 +329,19 @@ def test_patch_embed_benchmark_matches_the_conv_and_prints_timings():
     diff_line = next(line for line in proc.stdout.splitlines() if line.startswith("max |conv"))
     assert float(diff_line.split("= ")[1].split()[0]) < 1e-4  # the same product (fp32 on CPU)
     assert "conv2d " in proc.stdout and "patches @ W" in proc.stdout
+
+
+def test_rope_kernel_benchmark_matches_the_model_and_prints_timings():
+    # CPU: eager variants only (compiled ones are the GPU's business); the halves formulation
+    # must give exactly the model's rope, forward and gradient.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "rope_kernel.py"), "--tokens", "64", "--iters", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:]
+            for line in proc.stdout.splitlines() if line.startswith(("rotate_half ", "halves "))}
+    assert set(rows) == {"rotate_half eager", "halves eager"}
+    for fwd_ms, gbps, fb_ms, diff, gdiff in rows.values():
+        assert float(fwd_ms) > 0 and float(fb_ms) > 0
+        assert float(diff) == 0.0 and float(gdiff) == 0.0

@@ -1,0 +1,142 @@
+"""Rotary embedding (RoPE) at Vicuna-7B shapes: the compiled kernel the LLM blocks run against
+alternative formulations, forward and forward + backward. Prints ms per call, the effective
+memory bandwidth, and the max difference from the model's own `apply_rope`.
+
+    python benchmarks/rope_kernel.py [--tokens 16384] [--iters 20] [--no-compile]
+
+Why: round 6's stage-1 profile (benchmarks/README.md) has the compiled RoPE kernels at ~64 ms of
+a ~880 ms step. The forward kernel moves q and k in and out (4 x 128 MiB at 16384 tokens) in
+~0.52 ms, about 1 TB/s, while the SwiGLU kernel of the same blocks runs at ~2.9 TB/s. This
+separates the formulation (rotate-half with `cat`, or the two halves written out) and the
+compile mode (the blocks use dynamic=True) from the rest of the block.
+
+Variants, each on q [1, S, 32, 128] and k [1, S, 32, 128] in bf16 with fp32 cos/sin tables
+gathered by position (as `Vicuna.forward` passes them):
+- `rotate_half`: `titan_llava.models.vicuna.apply_rope`, the model's code;
+- `halves`: the same rotation written on the two halves of head_dim, no `cat` of a negated
+  copy: out = [x1 cos - x2 sin, x2 cos + x1 sin] (cos and sin hold each frequency twice, so the
+  first half of the tables is enough). The same products and sums as `rotate_half`.
+Compiled with dynamic=True (as `compile_block`) and dynamic=False, plus eager. On CPU (no CUDA)
+it runs a few hundred tokens eagerly, as a smoke test of the equality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from titan_llava.models.vicuna import apply_rope, rope_tables  # noqa: E402
+
+
+def rope_halves(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
+    half = x_BSHD.shape[-1] // 2
+    cos = cos_BSD[:, :, None, :half].to(x_BSHD.dtype)
+    sin = sin_BSD[:, :, None, :half].to(x_BSHD.dtype)
+    x1, x2 = x_BSHD[..., :half], x_BSHD[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def qk_rope(rope):
+    def f(q, k, cos, sin):
+        return rope(q, cos, sin), rope(k, cos, sin)
+    return f
+
+
+def timed_ms(fn, iters: int, cuda: bool) -> float:
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def packed_positions(tokens: int, doc_len: int, device: str) -> torch.Tensor:
+    """Positions of a packed row: each document restarts at 0 (as the packer's rows do)."""
+    return (torch.arange(tokens, device=device) % doc_len)[None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=None, help="default: 16384 on CUDA, 256 on CPU")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--doc-len", type=int, default=2200, help="tokens per packed document")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled variants (default: on CUDA only)")
+    a = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16
+    tokens = a.tokens or (16384 if cuda else 256)
+    use_compile = cuda if a.compile is None else a.compile
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (1, tokens, a.heads, a.head_dim)
+    q = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_(True)
+    k = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_(True)
+    gq = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    gk = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    cos_t, sin_t = rope_tables(a.head_dim, 4096, 10000.0, device=torch.device(device))
+    pos = packed_positions(tokens, a.doc_len, device)
+    cos, sin = cos_t[pos], sin_t[pos]
+
+    variants = {"rotate_half eager": qk_rope(apply_rope), "halves eager": qk_rope(rope_halves)}
+    if use_compile:
+        for name, rope in (("rotate_half", apply_rope), ("halves", rope_halves)):
+            for dyn in (True, False):
+                variants[f"{name} compiled dynamic={dyn}"] = torch.compile(qk_rope(rope), dynamic=dyn)
+
+    def outputs(fn):
+        oq, ok = fn(q, k, cos, sin)
+        return (oq, ok, *torch.autograd.grad((oq, ok), (q, k), (gq, gk)))
+
+    # Each variant against the model's rope run the same way: eager against eager (bf16 rounding
+    # after every op), compiled against the model's compiled kernel (fused in fp32, rounded once).
+    refs = {"eager": outputs(qk_rope(apply_rope))}
+    if use_compile:
+        refs["compiled"] = outputs(variants["rotate_half compiled dynamic=True"])
+    # Bytes the forward must move: q and k in, their rotations out (the tables are small and cached).
+    fwd_bytes = 4 * q.numel() * q.element_size()
+    print(f"RoPE on q and k [1, {tokens}, {a.heads}, {a.head_dim}] {dtype}, packed documents of "
+          f"{a.doc_len} tokens, on {torch.cuda.get_device_name() if cuda else 'cpu'} "
+          f"(torch {torch.__version__}); forward moves {fwd_bytes / 2**20:.0f} MiB")
+    print(f"{'variant':38s} {'fwd ms':>8s} {'fwd GB/s':>9s} {'fwd+bwd ms':>11s} {'max diff fwd':>13s} "
+          f"{'max diff grad':>14s}  (diff: against the model's rope, eager or compiled alike)")
+    for name, fn in variants.items():
+        got, ref = outputs(fn), refs["eager" if name.endswith("eager") else "compiled"]
+        diff, gdiff = (max((x.float() - y.float()).abs().max().item() for x, y in pairs)
+                       for pairs in (zip(got[:2], ref[:2]), zip(got[2:], ref[2:])))
+
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, cos, sin)
+
+        def fwd_bwd():
+            oq, ok = fn(q, k, cos, sin)
+            torch.autograd.grad((oq, ok), (q, k), (gq, gk))
+
+        ms = timed_ms(fwd, a.iters, cuda)
+        ms_fb = timed_ms(fwd_bwd, a.iters, cuda)
+        print(f"{name:38s} {ms:8.3f} {fwd_bytes / ms / 1e6:9.0f} {ms_fb:11.3f} {diff:13.3e} "
+              f"{gdiff:14.3e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
