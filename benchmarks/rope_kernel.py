@@ -5,13 +5,13 @@ memory bandwidth, and the max difference from the model's own `apply_rope`.
     python benchmarks/rope_kernel.py [--tokens 16384] [--iters 20] [--no-compile]
 
 Why: round 6's stage-1 profile (benchmarks/README.md) has the compiled RoPE kernels at ~64 ms of
-a ~880 ms step. The forward kernel moves q and k in and out (4 x 128 MiB at 16384 tokens) in
-~0.52 ms, about 1 TB/s, while the SwiGLU kernel of the same blocks runs at ~2.9 TB/s. This
+a ~880 ms step. Each forward call rotates q or k (128 MiB in, 128 MiB out at 16384 tokens) in
+~0.52 ms, about 0.5 TB/s, while the SwiGLU kernel of the same blocks runs at ~2.9 TB/s. This
 separates the formulation (rotate-half with `cat`, or the two halves written out) and the
 compile mode (the blocks use dynamic=True) from the rest of the block.
 
-Variants, each on q [1, S, 32, 128] and k [1, S, 32, 128] in bf16 with fp32 cos/sin tables
-gathered by position (as `Vicuna.forward` passes them):
+Variants, each on q and k [1, S, 32 x 128] in bf16, viewed into heads inside (as the block does),
+with fp32 cos/sin tables gathered by position (as `Vicuna.forward` passes them):
 - `rotate_half`: `titan_llava.models.vicuna.apply_rope`, the model's code;
 - `halves`: the same rotation written on the two halves of head_dim, no `cat` of a negated
   copy: out = [x1 cos - x2 sin, x2 cos + x1 sin] (cos and sin hold each frequency twice, so the
@@ -42,8 +42,14 @@ def rope_halves(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def qk_rope(rope):
-    def f(q, k, cos, sin):
+def qk_rope(rope, heads: int, head_dim: int):
+    """As in `Attention.forward`: q and k arrive as the projections' [B, S, heads * head_dim]
+    outputs and are viewed into heads with Python ints (static under compile); only the tables
+    and the sequence length come in as inputs."""
+    def f(q_BSD, k_BSD, cos, sin):
+        b, s, _ = q_BSD.shape
+        q = q_BSD.view(b, s, heads, head_dim)
+        k = k_BSD.view(b, s, heads, head_dim)
         return rope(q, cos, sin), rope(k, cos, sin)
     return f
 
@@ -87,20 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     tokens = a.tokens or (16384 if cuda else 256)
     use_compile = cuda if a.compile is None else a.compile
     g = torch.Generator(device=device).manual_seed(0)
-    shape = (1, tokens, a.heads, a.head_dim)
+    shape = (1, tokens, a.heads * a.head_dim)
     q = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_(True)
     k = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_(True)
-    gq = torch.randn(shape, device=device, dtype=dtype, generator=g)
-    gk = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    out_shape = (1, tokens, a.heads, a.head_dim)
+    gq = torch.randn(out_shape, device=device, dtype=dtype, generator=g)
+    gk = torch.randn(out_shape, device=device, dtype=dtype, generator=g)
     cos_t, sin_t = rope_tables(a.head_dim, 4096, 10000.0, device=torch.device(device))
     pos = packed_positions(tokens, a.doc_len, device)
     cos, sin = cos_t[pos], sin_t[pos]
 
-    variants = {"rotate_half eager": qk_rope(apply_rope), "halves eager": qk_rope(rope_halves)}
+    hd = (a.heads, a.head_dim)
+    variants = {"rotate_half eager": qk_rope(apply_rope, *hd), "halves eager": qk_rope(rope_halves, *hd)}
     if use_compile:
         for name, rope in (("rotate_half", apply_rope), ("halves", rope_halves)):
             for dyn in (True, False):
-                variants[f"{name} compiled dynamic={dyn}"] = torch.compile(qk_rope(rope), dynamic=dyn)
+                variants[f"{name} compiled dynamic={dyn}"] = torch.compile(
+                    qk_rope(rope, *hd), dynamic=dyn)
 
     def outputs(fn):
         oq, ok = fn(q, k, cos, sin)
@@ -108,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each variant against the model's rope run the same way: eager against eager (bf16 rounding
     # after every op), compiled against the model's compiled kernel (fused in fp32, rounded once).
-    refs = {"eager": outputs(qk_rope(apply_rope))}
+    refs = {"eager": outputs(qk_rope(apply_rope, *hd))}
     if use_compile:
         refs["compiled"] = outputs(variants["rotate_half compiled dynamic=True"])
     # Bytes the forward must move: q and k in, their rotations out (the tables are small and cached).
     fwd_bytes = 4 * q.numel() * q.element_size()
-    print(f"RoPE on q and k [1, {tokens}, {a.heads}, {a.head_dim}] {dtype}, packed documents of "
+    print(f"RoPE on q and k [1, {tokens}, {a.heads} x {a.head_dim}] {dtype}, packed documents of "
           f"{a.doc_len} tokens, on {torch.cuda.get_device_name() if cuda else 'cpu'} "
           f"(torch {torch.__version__}); forward moves {fwd_bytes / 2**20:.0f} MiB")
     print(f"{'variant':38s} {'fwd ms':>8s} {'fwd GB/s':>9s} {'fwd+bwd ms':>11s} {'max diff fwd':>13s} "
