@@ -16,7 +16,8 @@ with fp32 cos/sin tables gathered by position (as `Vicuna.forward` passes them):
 - `halves`: the same rotation written on the two halves of head_dim, no `cat` of a negated
   copy: out = [x1 cos - x2 sin, x2 cos + x1 sin] (cos and sin hold each frequency twice, so the
   first half of the tables is enough). The same products and sums as `rotate_half`.
-Compiled with dynamic=True (as `compile_block`) and dynamic=False, plus eager. On CPU (no CUDA)
+Compiled with dynamic=True (as `compile_block`) and dynamic=False, plus eager; and the model's form
+with dynamic=True but the cos/sin tables' width marked static. On CPU (no CUDA)
 it runs a few hundred tokens eagerly, as a smoke test of the equality.
 """
 
@@ -104,45 +105,59 @@ def main(argv: list[str] | None = None) -> int:
     cos, sin = cos_t[pos], sin_t[pos]
 
     hd = (a.heads, a.head_dim)
-    variants = {"rotate_half eager": qk_rope(apply_rope, *hd), "halves eager": qk_rope(rope_halves, *hd)}
+    # The tables again, with their batch and width marked static (dynamic=True makes every input
+    # dim symbolic, so in the blocks the width 128 of cos/sin is a runtime value; q's head dims
+    # are not: the block views them with Python ints).
+    cos_st, sin_st = cos.clone(), sin.clone()
+    for t in (cos_st, sin_st):
+        torch._dynamo.mark_static(t, [0, 2])
+    # name -> (function, cos, sin, compiled?)
+    variants = {"rotate_half eager": (qk_rope(apply_rope, *hd), cos, sin, False),
+                "halves eager": (qk_rope(rope_halves, *hd), cos, sin, False)}
     if use_compile:
         for name, rope in (("rotate_half", apply_rope), ("halves", rope_halves)):
             for dyn in (True, False):
-                variants[f"{name} compiled dynamic={dyn}"] = torch.compile(
-                    qk_rope(rope, *hd), dynamic=dyn)
+                variants[f"{name} compiled dynamic={dyn}"] = (
+                    torch.compile(qk_rope(rope, *hd), dynamic=dyn), cos, sin, True)
+        variants["rotate_half compiled dynamic=True, static table width"] = (
+            torch.compile(qk_rope(apply_rope, *hd), dynamic=True), cos_st, sin_st, True)
 
-    def outputs(fn):
-        oq, ok = fn(q, k, cos, sin)
+    def outputs(fn, c, s_):
+        oq, ok = fn(q, k, c, s_)
         return (oq, ok, *torch.autograd.grad((oq, ok), (q, k), (gq, gk)))
 
     # Each variant against the model's rope run the same way: eager against eager (bf16 rounding
     # after every op), compiled against the model's compiled kernel (fused in fp32, rounded once).
-    refs = {"eager": outputs(qk_rope(apply_rope, *hd))}
+    refs = {"eager": outputs(qk_rope(apply_rope, *hd), cos, sin)}
     if use_compile:
-        refs["compiled"] = outputs(variants["rotate_half compiled dynamic=True"])
+        refs["compiled"] = outputs(*variants["rotate_half compiled dynamic=True"][:3])
     # Bytes the forward must move: q and k in, their rotations out (the tables are small and cached).
     fwd_bytes = 4 * q.numel() * q.element_size()
     print(f"RoPE on q and k [1, {tokens}, {a.heads} x {a.head_dim}] {dtype}, packed documents of "
           f"{a.doc_len} tokens, on {torch.cuda.get_device_name() if cuda else 'cpu'} "
           f"(torch {torch.__version__}); forward moves {fwd_bytes / 2**20:.0f} MiB")
-    print(f"{'variant':38s} {'fwd ms':>8s} {'fwd GB/s':>9s} {'fwd+bwd ms':>11s} {'max diff fwd':>13s} "
+    print(f"{'variant':54s} {'fwd ms':>8s} {'fwd GB/s':>9s} {'fwd+bwd ms':>11s} {'max diff fwd':>13s} "
           f"{'max diff grad':>14s}  (diff: against the model's rope, eager or compiled alike)")
-    for name, fn in variants.items():
-        got, ref = outputs(fn), refs["eager" if name.endswith("eager") else "compiled"]
+    for name, (fn, c, s_, compiled) in variants.items():
+        if compiled:
+            # The qk_rope closures share one code object, and dynamo caches per code object:
+            # start each compiled variant from an empty cache so none reuses another's graph.
+            torch._dynamo.reset()
+        got, ref = outputs(fn, c, s_), refs["compiled" if compiled else "eager"]
         diff, gdiff = (max((x.float() - y.float()).abs().max().item() for x, y in pairs)
                        for pairs in (zip(got[:2], ref[:2]), zip(got[2:], ref[2:])))
 
         def fwd():
             with torch.no_grad():
-                fn(q, k, cos, sin)
+                fn(q, k, c, s_)
 
         def fwd_bwd():
-            oq, ok = fn(q, k, cos, sin)
+            oq, ok = fn(q, k, c, s_)
             torch.autograd.grad((oq, ok), (q, k), (gq, gk))
 
         ms = timed_ms(fwd, a.iters, cuda)
         ms_fb = timed_ms(fwd_bwd, a.iters, cuda)
-        print(f"{name:38s} {ms:8.3f} {fwd_bytes / ms / 1e6:9.0f} {ms_fb:11.3f} {diff:13.3e} "
+        print(f"{name:54s} {ms:8.3f} {fwd_bytes / ms / 1e6:9.0f} {ms_fb:11.3f} {diff:13.3e} "
               f"{gdiff:14.3e}")
     return 0
 
