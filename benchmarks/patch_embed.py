@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import timed_ms
 
 
 def patches_matmul(pixels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -27,24 +27,6 @@ def patches_matmul(pixels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     patches = pixels.view(t, c, h, k, w, k).permute(0, 2, 4, 1, 3, 5).reshape(t, h * w, c * k * k)
     out = patches @ weight.view(d, c * k * k).t()
     return out.view(t, h, w, d).permute(0, 3, 1, 2)
-
-
-def timed_ms(fn, iters: int, cuda: bool) -> float:
-    for _ in range(3):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
+from timing import timed_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -53,24 +53,6 @@ def qk_rope(rope, heads: int, head_dim: int):
         k = k_BSD.view(b, s, heads, head_dim)
         return rope(q, cos, sin), rope(k, cos, sin)
     return f
-
-
-def timed_ms(fn, iters: int, cuda: bool) -> float:
-    for _ in range(3):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters * 1e3
 
 
 def packed_positions(tokens: int, doc_len: int, device: str) -> torch.Tensor:
