@@ -6,8 +6,9 @@ On CUDA the figures are kernel (device) self time; on CPU, operator self time (t
 kernels). Categories come from kernel/operator names, so they are a guide, not an exact split.
 
 Phases (CUDA): `install_phase_markers` puts a zero-length profiler annotation ("phase: fwd X",
-"phase: bwd X") at the start of each block's forward and backward, the projector, the final norm
-and head, and the optimizer step. From the trace, each kernel is attributed to the last marker
+"phase: bwd X") at the start of each block's forward and backward, the projector, the final norm,
+the head (whose forward phase also holds the loss), and the optimizer step; the benchmark adds
+"data" (the next batch) and "step start". From the trace, each kernel is attributed to the last marker
 before the host call that launched it, and each gap in the device timeline (the device idle) to
 the phase of the kernel that ends it: which part of the step the GPU waits on the host in.
 """
@@ -210,8 +211,11 @@ def install_phase_markers(model: torch.nn.Module, optimizer: torch.optim.Optimiz
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(lambda _g: phase_marker(f"bwd {name}"))
 
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+        # prepend: before FSDP2's own hooks (its unshard in the pre-forward, its pre-backward
+        # tensor hook registered in its post-forward), so that a block's all-gather wait and
+        # copies count for that block, not for the one before it.
+        module.register_forward_pre_hook(pre, prepend=True)
+        module.register_forward_hook(post, prepend=True)
 
     mark(model.vision_tower, "vision_tower")
     for i, block in enumerate(model.vision_tower.layers.values()):
@@ -220,7 +224,10 @@ def install_phase_markers(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     llm = model.language_model
     for i, block in enumerate(llm.layers.values()):
         mark(block, f"language_model.layers.{i}")
-    mark(llm.norm, "language_model.norm+output")
+    mark(llm.norm, "language_model.norm")
+    # The head: its forward phase also holds the loss's forward and backward (no module of its
+    # own), up to the gradient of the logits, where "bwd language_model.output" begins.
+    mark(llm.output, "language_model.output")
     optimizer.register_step_pre_hook(lambda *_: phase_marker("optimizer"))
 
 
@@ -251,8 +258,11 @@ def phase_table(events: list[dict], steps: int, top_gaps: int = 5) -> dict | Non
     end = None
     for e in device:
         t = launch_ts.get(e.get("args", {}).get("correlation"))
-        i = bisect.bisect_right(mark_ts, t) - 1 if t is not None else -1
-        phase = marks[i][1] if i >= 0 else "(before the first marker)"
+        if t is None:
+            phase = "(no launch record)"
+        else:
+            i = bisect.bisect_right(mark_ts, t) - 1
+            phase = marks[i][1] if i >= 0 else "(before the first marker)"
         g = groups.setdefault(re.sub(r"\.\d+(?=$|\b)", ".N", phase), {"kernel_ms": 0.0, "idle_ms": 0.0})
         g["kernel_ms"] += e["dur"] / 1e3 / steps
         if end is not None and e["ts"] > end:

@@ -235,6 +235,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     orig_counts, orig_log = trainer._step_counts, trainer.metrics.log
 
     def next_microbatches():
+        if profiler is not None:
+            phase_marker("data")  # the next batch: its wait, transfer and the step check's read
         if trainer.step == a.warmup + 1:
             if cuda:
                 torch.cuda.synchronize()  # between steps: the window starts on an idle device
@@ -297,6 +299,11 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
+        if "start" not in clock or len(counts) != a.steps:
+            # The trainer returned early: SIGTERM (a time limit: it saves a checkpoint and
+            # returns) or a stop flag. Too few measured steps for a figure.
+            raise SystemExit(f"error: only {len(counts)} of the {a.steps} measured steps ran "
+                             f"(SIGTERM / time limit during warm-up or compile?); no figures")
         elapsed = time.perf_counter() - clock["start"]
         if profiler is not None:
             kernels = profiler.stop(a.steps, elapsed)
@@ -311,11 +318,6 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         destroy_distributed()
 
     n = len(counts)
-    if n != a.steps:
-        # The trainer returned early: SIGTERM (a time limit: it saves a checkpoint and returns) or
-        # a stop flag. Too few measured steps for a figure.
-        raise SystemExit(f"error: only {n} of the {a.steps} measured steps ran (SIGTERM / time "
-                         f"limit during warm-up or compile?); no figures")
     tot = {k: sum(c[k] for c in counts) for k in counts[0]}
     step_s = elapsed / n
     peak = peak_flops(device)

@@ -56,7 +56,7 @@ run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared 
 micro() {  # name limit_s command...: a micro-benchmark script; its last lines go to the summary
   local name=$1
   timed "$@" || return 0
-  tail -n 8 "$OUT/$name.log" | log
+  tail -n 12 "$OUT/$name.log" | log
 }
 
 parity() {  # limit_s: benchmarks/varlen_parity.py (CUDA only; skipped in the CPU dry run)
@@ -172,7 +172,8 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   # > 110 s): the full-depth AC policies in one call (SGD stand-in), the stage-1 profile with
   # replicate_frozen, stage 2 at 8 layers selective vs no AC in one call, foreach vs fused AdamW
   # (the step check then reads before the update), the tower as one FSDP unit; the RoPE kernel
-  # formulations (benchmarks/rope_kernel.py: ~64 ms of a stage-1 step at ~1 TB/s); defer_probe first also names the site of the one host sync round 6 saw in step 1
+  # formulations (benchmarks/rope_kernel.py: ~64 ms of a stage-1 step at ~0.5 TB/s);
+  # defer_probe first also names the site of the one host sync round 6 saw in step 1
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"

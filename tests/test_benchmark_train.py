@@ -154,9 +154,12 @@ def test_phase_table_attributes_kernels_and_idle_to_the_launching_phase():
     # k1 at 1,000 and k2 at 2,000; marker "fwd projector" at 10,000 launches k3 at 11,000;
     # "optimizer" at 50,000 launches a copy at 51,000. Device: k1 [5, 15) ms, k2 [15, 20), k3
     # [30, 40) (10 ms idle before it), the copy [100, 104) (60 ms idle). k0 has no launch record.
-    # k2 runs after the projector's marker but was launched before it: it counts for layers.0.
+    # k2 runs after the projector's marker but was launched before it: it counts for layers.12.
+    # k4, launched under "fwd projector", runs on another stream overlapping k3 ([32, 45)): the
+    # union, not the last kernel's end, decides the next gap (55 ms, not 59), and no gap is
+    # counted before k4 itself.
     events = [
-        _ev("user_annotation", "phase: fwd language_model.layers.0", 0),
+        _ev("user_annotation", "phase: fwd language_model.layers.12", 0),
         _ev("user_annotation", "phase: fwd projector", 10_000),
         _ev("user_annotation", "phase: optimizer", 50_000),
         _ev("user_annotation", "FSDP::pre_forward", 49_000),  # not a phase marker
@@ -164,27 +167,33 @@ def test_phase_table_attributes_kernels_and_idle_to_the_launching_phase():
         _ev("cuda_driver", "cuLaunchKernel", 2_000, 1, corr=2),
         _ev("cuda_runtime", "cudaLaunchKernel", 11_000, 1, corr=3),
         _ev("cuda_runtime", "cudaMemcpyAsync", 51_000, 1, corr=4),
+        _ev("cuda_runtime", "cudaLaunchKernel", 12_000, 1, corr=5),
         _ev("kernel", "k0", 4_000, 1_000),
         _ev("kernel", "k1", 5_000, 10_000, corr=1),
         _ev("kernel", "k2", 15_000, 5_000, corr=2),
         _ev("kernel", "k3", 30_000, 10_000, corr=3),
+        _ev("kernel", "k4", 32_000, 13_000, corr=5),
         _ev("gpu_memcpy", "Memcpy HtoD", 100_000, 4_000, corr=4),
     ]
     t = phase_table(events, steps=1)
     g = t["groups"]
     assert g["fwd language_model.layers.N"] == {"kernel_ms": 15.0, "idle_ms": 0.0}
-    assert g["fwd projector"] == {"kernel_ms": 10.0, "idle_ms": 10.0}
-    assert g["(before the first marker)"] == {"kernel_ms": 1.0, "idle_ms": 0.0}
-    assert g["optimizer"] == {"kernel_ms": 4.0, "idle_ms": 60.0}
+    assert g["fwd projector"] == {"kernel_ms": 23.0, "idle_ms": 10.0}
+    assert g["(no launch record)"] == {"kernel_ms": 1.0, "idle_ms": 0.0}
+    assert g["optimizer"] == {"kernel_ms": 4.0, "idle_ms": 55.0}
     assert list(g) == ["optimizer", "fwd projector", "fwd language_model.layers.N",
-                       "(before the first marker)"]  # by kernel + idle time
-    assert [x["ms"] for x in t["largest_gaps"]] == [60.0, 10.0]
+                       "(no launch record)"]  # by kernel + idle time
+    assert [x["ms"] for x in t["largest_gaps"]] == [55.0, 10.0]
     assert t["largest_gaps"][1] == {"ms": 10.0, "phase": "fwd projector",
                                     "next_kernel": "k3"}
     text = format_phases(t)
-    assert "fwd language_model.layers.N" in text and "gap    60.00 ms in optimizer before" in text
+    assert "fwd language_model.layers.N" in text and "gap    55.00 ms in optimizer before" in text
     # Per step: two steps halve every figure.
-    assert phase_table(events, steps=2)["groups"]["optimizer"] == {"kernel_ms": 2.0, "idle_ms": 30.0}
+    assert phase_table(events, steps=2)["groups"]["optimizer"] == {"kernel_ms": 2.0, "idle_ms": 27.5}
+    # A launch before the first marker has its own label.
+    early = [dict(e, ts=-5) if e["name"] == "cudaLaunchKernel" and e["args"]["correlation"] == 1
+             else e for e in events]
+    assert phase_table(early, 1)["groups"]["(before the first marker)"]["kernel_ms"] == 10.0
     # No markers (or no device events): no table rather than a misleading one.
     assert phase_table([e for e in events if not e["name"].startswith("phase: ")], 1) is None
     assert phase_table([e for e in events if e["cat"] == "user_annotation"], 1) is None
@@ -246,15 +255,22 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert sum(kp["categories_ms_per_step"].values()) == pytest.approx(kp["total_ms_per_step"])
         assert (tmp_path / "prof" / "kernel_profile.json").exists()
         assert (tmp_path / "prof" / "trace.json.gz").stat().st_size > 0
-        # The phase markers reach the trace (the phase table itself needs device kernels: CUDA).
+        # The phase markers reach the trace (the phase table itself needs device kernels: CUDA),
+        # in the order a step runs them (the last step's, the last of each): each backward
+        # marker after the forward has finished. (The first profiled step has no "data": the
+        # profiler starts after it.)
         with gzip.open(tmp_path / "prof" / "trace.json.gz", "rt") as f:
-            names = {e.get("name") for e in json.load(f)["traceEvents"]
-                     if e.get("cat") == "user_annotation"}
-        for phase in ("step start", "fwd vision_tower", "fwd vision_tower.layers.0",
-                      "bwd vision_tower.layers.0", "fwd projector", "bwd projector",
-                      "fwd language_model.layers.0", "bwd language_model.layers.0",
-                      "fwd language_model.norm+output", "optimizer"):
-            assert "phase: " + phase in names, phase
+            last: dict[str, float] = {}
+            for e in json.load(f)["traceEvents"]:
+                if e.get("cat") == "user_annotation" and e["name"].startswith("phase: "):
+                    last[e["name"][7:]] = max(last.get(e["name"][7:], float("-inf")), e["ts"])
+        order = ["data", "step start", "fwd vision_tower", "fwd vision_tower.layers.0",
+                 "fwd projector", "fwd language_model.layers.0", "fwd language_model.norm",
+                 "fwd language_model.output", "bwd language_model.output",
+                 "bwd language_model.norm", "bwd language_model.layers.0", "bwd projector",
+                 "bwd vision_tower.layers.0", "optimizer"]
+        assert set(order) <= set(last), set(order) - set(last)
+        assert sorted(order, key=last.get) == order
         assert kp["phases"] is None
     else:
         assert not r["profiled"] and r["kernel_profile"] is None

@@ -13,6 +13,7 @@ import collections
 import json
 import os
 import sys
+import traceback
 import warnings
 
 import torch
@@ -41,6 +42,19 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _sync_site() -> str:
+    """'repo_file:line <- innermost_file:line' of the caller's stack, without the warnings
+    machinery and without this function and the warning handler that calls it."""
+    stack = [f for f in traceback.extract_stack()[:-2] if "warnings.py" not in f.filename]
+    ours = [f for f in stack if f.filename.startswith(REPO)
+            and os.path.abspath(f.filename) != os.path.abspath(__file__)]
+    return " <- ".join(f"{os.path.relpath(f.filename, REPO)}:{f.lineno}"
+                       for f in ours[-1:] + stack[-1:])
+
+
 def main() -> None:
     out_path, argv = sys.argv[1], sys.argv[2:]
     trainer = Trainer(load_config(argv))
@@ -62,18 +76,25 @@ def main() -> None:
         at_start[trainer.step] = _snapshot(trainer)
         if not cuda:
             return orig_step(mbs, record)
-        # Event.synchronize (the intended, late read) is not reported by sync-debug mode.
-        with warnings.catch_warnings(record=True) as caught:
+        # Event.synchronize (the intended, late read) is not reported by sync-debug mode. Each
+        # sync warning is placed when it is raised: the innermost frame of this repository and
+        # the innermost frame overall (the library line that synchronised).
+        syncs[record.step] = 0
+
+        def on_warning(message, *_args, **_kw):
+            if "synchroniz" not in str(message):
+                return
+            syncs[record.step] += 1
+            sites[f"{record.step}: {_sync_site()}"] += 1
+
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = on_warning
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 out = orig_step(mbs, record)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        hits = [w for w in caught if "synchroniz" in str(w.message)]
-        syncs[record.step] = len(hits)
-        for w in hits:  # where: the Python line that made the sync call
-            sites[f"{record.step}: {os.path.relpath(w.filename)}:{w.lineno}"] += 1
         return out
 
     trainer.step_check.read, trainer.train_step = read, train_step
