@@ -31,8 +31,9 @@ from synthetic_data import TOKENIZER_PATH, write_dataset
 
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
-from titan_llava.flops import document_lengths, peak_flops, step_flops
+from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum
+from titan_llava.metrics import step_counts as step_counts_of
 from titan_llava.models import attention
 from titan_llava.models.args import LLAVA_FLAVORS
 from titan_llava.trainer import Trainer
@@ -263,18 +264,11 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         c = orig_counts(mbs)
         if marks.active:
             counts.append({**c, "row_slots": sum(mb.input_ids.numel() for mb in mbs)})
-            lengths = [
-                n
-                for mb in mbs
-                for n in document_lengths(mb.input_ids, trainer.tokenizer.pad_id, mb.document_ids)
-            ]
-            tiles = sum(0 if mb.pixel_values is None else mb.pixel_values.shape[0] for mb in mbs)
-            head = sum(int(mb.loss_index.shape[0]) for mb in mbs)
-            full_flops.append(
-                step_flops(
-                    full_args, lengths, tiles, trainer.cfg.training.trainable, head_tokens=head
-                ).total
+            # The same batches' model FLOPs at the flavor's full LLM depth.
+            full = step_counts_of(
+                mbs, trainer.tokenizer.pad_id, full_args, trainer.cfg.training.trainable
             )
+            full_flops.append(full["flops"])
         return c
 
     def log(step, **kw):

@@ -27,6 +27,14 @@ def part_of(param_name: str) -> str:
     raise AssertionError(f"parameter {param_name!r} belongs to no known model part")
 
 
+def count_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{part: {"trainable": n, "frozen": n}} over the full (unsharded) parameter shapes."""
+    counts = {part: {"trainable": 0, "frozen": 0} for part in PART_PREFIXES}
+    for name, p in model.named_parameters():
+        counts[part_of(name)]["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
 def set_trainable(model: nn.Module, trainable: list[str]) -> None:
     """Freeze every part not listed in `trainable` (apply BEFORE sharding so frozen parameters
     never get gradients, reduce-scatters or optimizer state)."""

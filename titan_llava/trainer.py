@@ -42,18 +42,10 @@ from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normaliz
 from titan_llava.metrics import MetricsLogger, StepWindow, device_memory_gib, step_counts
 from titan_llava.models.args import llava_args_to_dict
 from titan_llava.models.llava import LlavaNext
-from titan_llava.optim import PART_PREFIXES, build_lr_scheduler, build_optimizer, part_of
+from titan_llava.optim import build_lr_scheduler, build_optimizer, count_parameters
 from titan_llava.step_check import StepCheck, StepRecord
 
 logger = logging.getLogger("titan_llava")
-
-
-def count_parameters(model: torch.nn.Module) -> dict[str, dict[str, int]]:
-    """{part: {"trainable": n, "frozen": n}} over the full (unsharded) parameter shapes."""
-    counts = {part: {"trainable": 0, "frozen": 0} for part in PART_PREFIXES}
-    for name, p in model.named_parameters():
-        counts[part_of(name)]["trainable" if p.requires_grad else "frozen"] += p.numel()
-    return counts
 
 
 class Trainer:
