@@ -1,24 +1,26 @@
-"""Rotary embedding (RoPE) at Vicuna-7B shapes: the compiled kernel the LLM blocks run against
-alternative formulations, forward and forward + backward. Prints ms per call, the effective
-memory bandwidth, and the max difference from the model's own `apply_rope`.
+"""Rotary embedding (RoPE) at Vicuna-7B shapes: the model's compiled kernel against the
+formulation it replaced and one more, forward and forward + backward. Prints ms per call, the
+effective memory bandwidth, and the max difference from the pre-round-7 form (HF Llama's).
 
     python benchmarks/rope_kernel.py [--tokens 16384] [--iters 20] [--no-compile]
 
-Why: round 6's stage-1 profile (benchmarks/README.md) has the compiled RoPE kernels at ~64 ms of
-a ~880 ms step. Each forward call rotates q or k (128 MiB in, 128 MiB out at 16384 tokens) in
-~0.52 ms, about 0.5 TB/s, while the SwiGLU kernel of the same blocks runs at ~2.9 TB/s. This
-separates the formulation (rotate-half with `cat`, or the two halves written out) and the
-compile mode (the blocks use dynamic=True) from the rest of the block.
+Why: round 6's stage-1 profile (benchmarks/README.md) had the compiled RoPE kernels at ~64 ms of
+a ~880 ms step. Each forward call rotated q or k (128 MiB in, 128 MiB out at 16384 tokens) in
+~0.52 ms, about 0.5 TB/s, while the SwiGLU kernel of the same blocks ran at ~2.9 TB/s. Inductor's
+code for HF's `x * cos + rotate_half(x) * sin` (rotate_half = cat([-x2, x1])) reads the rotated
+operand through two masked loads and a select per element; the model now swaps the halves with
+an index map (no mask) and carries the minus sign in the sin table (`rope_tables`).
 
 Variants, each on q and k [1, S, 32 x 128] in bf16, viewed into heads inside (as the block does),
 with fp32 cos/sin tables gathered by position (as `Vicuna.forward` passes them):
-- `rotate_half`: `titan_llava.models.vicuna.apply_rope`, the model's code;
-- `halves`: the same rotation written on the two halves of head_dim, no `cat` of a negated
-  copy: out = [x1 cos - x2 sin, x2 cos + x1 sin] (cos and sin hold each frequency twice, so the
-  first half of the tables is enough). The same products and sums as `rotate_half`.
-Compiled with dynamic=True (as `compile_block`) and dynamic=False, plus eager; and the model's form
-with dynamic=True but the cos/sin tables' width marked static. On CPU (no CUDA)
-it runs a few hundred tokens eagerly, as a smoke test of the equality.
+- `model`: `titan_llava.models.vicuna.apply_rope` (swapped halves, signed sin table);
+- `rotate_half`: HF Llama's form, the model's until round 7 (unsigned sin table);
+- `halves`: the rotation written on the two halves of head_dim and concatenated:
+  out = [x1 cos - x2 sin, x2 cos + x1 sin] (cos and sin hold each frequency twice, so the first
+  half of the tables is enough).
+All three are the same products and sums. Compiled with dynamic=True (as `compile_block`) and
+dynamic=False, plus eager. On CPU (no CUDA) it runs a few hundred tokens eagerly, as a check of
+the equality.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ from timing import timed_ms
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from titan_llava.models.vicuna import apply_rope, rope_tables  # noqa: E402
+
+
+def unsigned_sin(sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's sin table (each frequency twice, no sign) from the model's signed one."""
+    half = sin_signed.shape[-1] // 2
+    return torch.cat([sin_signed[..., half:], sin_signed[..., half:]], dim=-1)
+
+
+def rope_rotate_half(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
+    """HF Llama's RoPE (the model's until round 7), on unsigned tables."""
+    cos = cos_BSD[:, :, None].to(x_BSHD.dtype)
+    sin = sin_BSD[:, :, None].to(x_BSHD.dtype)
+    x1, x2 = x_BSHD.chunk(2, dim=-1)
+    return x_BSHD * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def rope_halves(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
@@ -82,35 +98,30 @@ def main(argv: list[str] | None = None) -> int:
     out_shape = (1, tokens, a.heads, a.head_dim)
     gq = torch.randn(out_shape, device=device, dtype=dtype, generator=g)
     gk = torch.randn(out_shape, device=device, dtype=dtype, generator=g)
-    cos_t, sin_t = rope_tables(a.head_dim, 4096, 10000.0, device=torch.device(device))
+    cos_t, sin_signed_t = rope_tables(a.head_dim, 4096, 10000.0, device=torch.device(device))
     pos = packed_positions(tokens, a.doc_len, device)
-    cos, sin = cos_t[pos], sin_t[pos]
+    cos, sin_signed = cos_t[pos], sin_signed_t[pos]
+    sin = unsigned_sin(sin_signed)
 
     hd = (a.heads, a.head_dim)
-    # The tables again, with their batch and width marked static (dynamic=True makes every input
-    # dim symbolic, so in the blocks the width 128 of cos/sin is a runtime value; q's head dims
-    # are not: the block views them with Python ints).
-    cos_st, sin_st = cos.clone(), sin.clone()
-    for t in (cos_st, sin_st):
-        torch._dynamo.mark_static(t, [0, 2])
+    forms = {"model": (apply_rope, sin_signed), "rotate_half": (rope_rotate_half, sin),
+             "halves": (rope_halves, sin)}
     # name -> (function, cos, sin, compiled?)
-    variants = {"rotate_half eager": (qk_rope(apply_rope, *hd), cos, sin, False),
-                "halves eager": (qk_rope(rope_halves, *hd), cos, sin, False)}
+    variants = {f"{name} eager": (qk_rope(rope, *hd), cos, s_, False)
+                for name, (rope, s_) in forms.items()}
     if use_compile:
-        for name, rope in (("rotate_half", apply_rope), ("halves", rope_halves)):
+        for name, (rope, s_) in forms.items():
             for dyn in (True, False):
                 variants[f"{name} compiled dynamic={dyn}"] = (
-                    torch.compile(qk_rope(rope, *hd), dynamic=dyn), cos, sin, True)
-        variants["rotate_half compiled dynamic=True, static table width"] = (
-            torch.compile(qk_rope(apply_rope, *hd), dynamic=True), cos_st, sin_st, True)
+                    torch.compile(qk_rope(rope, *hd), dynamic=dyn), cos, s_, True)
 
     def outputs(fn, c, s_):
         oq, ok = fn(q, k, c, s_)
         return (oq, ok, *torch.autograd.grad((oq, ok), (q, k), (gq, gk)))
 
-    # Each variant against the model's rope run the same way: eager against eager (bf16 rounding
-    # after every op), compiled against the model's compiled kernel (fused in fp32, rounded once).
-    refs = {"eager": outputs(qk_rope(apply_rope, *hd), cos, sin)}
+    # Each variant against HF's form run the same way: eager against eager (bf16 rounding after
+    # every op), compiled against the pre-round-7 compiled kernel (fused in fp32, rounded once).
+    refs = {"eager": outputs(qk_rope(rope_rotate_half, *hd), cos, sin)}
     if use_compile:
         refs["compiled"] = outputs(*variants["rotate_half compiled dynamic=True"][:3])
     # Bytes the forward must move: q and k in, their rotations out (the tables, ~6% more, are
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.doc_len} tokens, on {torch.cuda.get_device_name() if cuda else 'cpu'} "
           f"(torch {torch.__version__}); forward moves {fwd_bytes / 2**20:.0f} MiB (q and k together)")
     print(f"{'variant':54s} {'fwd ms':>8s} {'fwd GB/s':>9s} {'fwd+bwd ms':>11s} {'max diff fwd':>13s} "
-          f"{'max diff grad':>14s}  (diff: against the model's rope, eager or compiled alike)")
+          f"{'max diff grad':>14s}  (diff: against rotate_half, eager or compiled alike)")
     for name, (fn, c, s_, compiled) in variants.items():
         if compiled:
             # The qk_rope closures share one code object, and dynamo caches per code object:

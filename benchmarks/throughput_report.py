@@ -31,6 +31,7 @@ def report(r: dict) -> str:
             f"packing {r['packing']}, AC {r['ac']}, "
             f"compile {r['compile']}, last LLM block trimmed {r['trim_last_block']}, "
             f"logits at {'every position' if r['full_logits'] else 'loss positions only'}, "
+            f"RoPE form {r['rope_form']}, "
             f"attention {r['attn_backend']} (packed rows on torch varlen: {r['torch_varlen']}), "
             f"step check deferred {r['deferred_check']}, {r['num_workers']} data workers"
         ),

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernel_profile import StepProfiler, install_phase_markers, phase_marker
+from rope_kernel import rope_rotate_half, unsigned_sin
 from throughput_report import depth_scaled_rate, report
 from step_marks import StepMarks, install_probes
 from synthetic_data import TOKENIZER_PATH, write_dataset
@@ -34,7 +35,7 @@ from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum
 from titan_llava.metrics import step_counts as step_counts_of
-from titan_llava.models import attention
+from titan_llava.models import attention, vicuna
 from titan_llava.models.args import LLAVA_FLAVORS
 from titan_llava.trainer import Trainer
 
@@ -80,6 +81,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="the before of 'logits only at loss positions': the head and the fp32 cross-entropy "
         "run on every position (full [rows, seq, vocab] logits, the last block untrimmed); MFU "
         "then undercounts what runs, compare by samples/s",
+    )
+    p.add_argument(
+        "--rope-form",
+        choices=("model", "rotate_half"),
+        default="model",
+        help="rotate_half: the before of round 7's RoPE, HF Llama's x * cos + rotate_half(x) * sin "
+        "(a negated cat) on unsigned sin tables, in every LLM block; the same values",
     )
     p.add_argument(
         "--sgd-standin",
@@ -218,6 +226,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         trainer.step_check.defer = False
     if a.full_logits:
         full_logits_loss(trainer)
+    if a.rope_form == "rotate_half":
+        rotate_half_rope(trainer.model.language_model)
     if a.sgd_standin:
         sgd_standin(trainer)
     marks = StepMarks(device)
@@ -339,6 +349,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "compile": a.compile,
         "trim_last_block": a.trim_last_block and not a.full_logits,
         "full_logits": a.full_logits,
+        "rope_form": a.rope_form,
         # Whether the step's numbers were read a step later (fused AdamW) or before each update.
         "deferred_check": trainer.step_check.defer,
         "attn_backend": trainer.cfg.model.attn_backend,
@@ -402,6 +413,15 @@ def untrim_last_block(llm: torch.nn.Module) -> None:
         return out if output_index is None else out.flatten(0, 1).index_select(0, output_index)
 
     last.forward = full_last_block
+
+
+def rotate_half_rope(llm: torch.nn.Module) -> None:
+    """The before of round 7's RoPE: HF Llama's form (`rope_kernel.rope_rotate_half`) on the
+    unsigned sin table, in every LLM block. Patched before the first forward, so the compiled
+    blocks trace it; the values are the same (tests/models/test_vicuna.py)."""
+    with torch.no_grad():
+        llm.rope_sin.copy_(unsigned_sin(llm.rope_sin))
+    vicuna.apply_rope = rope_rotate_half
 
 
 # Fused AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq (7 fp32

@@ -305,12 +305,15 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert r["full_depth_estimate_by_time_samples_per_s"] is None
 
 
-def test_full_logits_before_gives_the_same_loss(tmp_path):
-    """--full-logits (head and fp32 CE on every position) is the same training as the default
-    (logits at loss positions only): same loss after 2 steps."""
-    losses = []
-    for extra in ([], ["--full-logits"]):
-        out_json = tmp_path / f"r{len(extra)}.json"
+def test_befores_give_the_same_loss(tmp_path):
+    """The benchmark's 'before' switches are the same training as the default: --full-logits
+    (head and fp32 CE on every position instead of the loss positions only) gives the same loss
+    after 2 steps, --rope-form rotate_half (HF's RoPE form instead of the model's) the identical
+    one (fp32 on CPU: the two forms are the same products)."""
+    results = {}
+    for name, extra in (("default", []), ("full_logits", ["--full-logits"]),
+                        ("rotate_half", ["--rope-form", "rotate_half"])):
+        out_json = tmp_path / f"{name}.json"
         cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
                "--stage", "1", "--flavor", "debug", "--steps", "1", "--warmup", "1",
                "--json-out", str(out_json), *extra]  # fmt: skip
@@ -320,10 +323,14 @@ def test_full_logits_before_gives_the_same_loss(tmp_path):
             cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        r = json.loads(out_json.read_text())
-        assert r["full_logits"] == bool(extra)
-        losses.append(r["final_loss"])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        results[name] = json.loads(out_json.read_text())
+        assert f"RoPE form {results[name]['rope_form']}," in proc.stdout
+    assert results["full_logits"]["full_logits"] and not results["default"]["full_logits"]
+    assert results["rotate_half"]["rope_form"] == "rotate_half"
+    assert results["default"]["rope_form"] == "model"
+    loss = results["default"]["final_loss"]
+    assert results["full_logits"]["final_loss"] == pytest.approx(loss, rel=1e-5)
+    assert results["rotate_half"]["final_loss"] == loss
 
 
 def test_fsdp_host_overhead_benchmark_prints_every_case():
@@ -348,16 +355,43 @@ def test_patch_embed_benchmark_matches_the_conv_and_prints_timings():
 
 
 def test_rope_kernel_benchmark_matches_the_model_and_prints_timings():
-    # CPU: eager variants only (compiled ones are the GPU's business); the halves formulation
-    # must give exactly the model's rope, forward and gradient.
+    # CPU: eager variants only (compiled ones are the GPU's business); the model's form and the
+    # halves formulation must give exactly HF's rotate_half, forward and gradient.
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "rope_kernel.py"), "--tokens", "64", "--iters", "2"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:]
-            for line in proc.stdout.splitlines() if line.startswith(("rotate_half ", "halves "))}
-    assert set(rows) == {"rotate_half eager", "halves eager"}
+            for line in proc.stdout.splitlines() if line.startswith(("model ", "rotate_half ", "halves "))}
+    assert set(rows) == {"model eager", "rotate_half eager", "halves eager"}
     for fwd_ms, gbps, fb_ms, diff, gdiff in rows.values():
         assert float(fwd_ms) > 0 and float(fb_ms) > 0
         assert float(diff) == 0.0 and float(gdiff) == 0.0
+
+
+def test_rotate_half_before_switches_the_blocks_and_the_table(monkeypatch):
+    """--rope-form rotate_half: every block runs HF's form on the unsigned table, and the logits
+    stay the model's (fp32: the same products)."""
+    from rope_kernel import rope_rotate_half
+    from train_throughput import rotate_half_rope
+
+    from titan_llava.models import vicuna
+    from titan_llava.models.args import VicunaArgs
+
+    torch.manual_seed(0)
+    llm = vicuna.Vicuna(VicunaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32, hidden_dim=64,
+                                   max_seq_len=64))
+    llm.init_weights()
+    tokens = torch.randint(0, 32, (2, 19))
+    with torch.no_grad():
+        ref = llm(tokens)
+    signed = llm.rope_sin.clone()
+    monkeypatch.setattr(vicuna, "apply_rope", vicuna.apply_rope)  # restored after the test
+    rotate_half_rope(llm)
+    assert vicuna.apply_rope is rope_rotate_half
+    half = signed.shape[-1] // 2
+    assert torch.equal(llm.rope_sin[:, :half], -signed[:, :half])
+    assert torch.equal(llm.rope_sin[:, half:], signed[:, half:])
+    with torch.no_grad():
+        assert torch.equal(llm(tokens), ref)

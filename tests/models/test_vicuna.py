@@ -3,10 +3,11 @@
 import pytest
 import torch
 from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tests.models.hf_reference import convert, llama_body_key, llama_config, randomize_
 from titan_llava.models.args import VicunaArgs
-from titan_llava.models.vicuna import Vicuna
+from titan_llava.models.vicuna import Vicuna, apply_rope
 
 
 def _pair(args: VicunaArgs) -> tuple[Vicuna, LlamaForCausalLM]:
@@ -111,6 +112,34 @@ def test_gradients_at_selected_positions_match_llama() -> None:
         g, ref = ours_params[mine].grad, hf_params[theirs].grad
         assert ref.abs().max() > 0, theirs
         assert (g - ref).abs().max().item() <= 1e-5, mine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_llamas_bit_for_bit(dtype: torch.dtype) -> None:
+    """Our RoPE (tables with rotate-half's sign folded into sin, halves swapped instead of a
+    negated cat) against transformers' rotary embedding and apply_rotary_pos_emb: the same
+    forward and the same eager gradient, bit for bit, in fp32 and bf16."""
+    args = VicunaArgs(dim=64, n_layers=1, n_heads=4, vocab_size=16, hidden_dim=32,
+                      rope_theta=5000.0, max_seq_len=4096)
+    ours = Vicuna(args)
+    # Packed-row restarts and positions far into the table.
+    positions = torch.stack([torch.cat([torch.arange(20), torch.arange(27)]), torch.arange(47) + 3000])
+    q = torch.randn(2, 47, args.n_heads, args.head_dim, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 47, args.n_heads, args.head_dim, dtype=dtype, requires_grad=True)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+
+    cos, sin = LlamaRotaryEmbedding(llama_config(args))(q, positions)  # [B, S, D] in q's dtype
+    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    ref_q, ref_k = ref_q.transpose(1, 2), ref_k.transpose(1, 2)
+    ref_grads = torch.autograd.grad((ref_q, ref_k), (q, k), (gq, gk))
+
+    cos_ours, sin_ours = ours.rope_cos[positions], ours.rope_sin[positions]
+    got_q, got_k = apply_rope(q, cos_ours, sin_ours), apply_rope(k, cos_ours, sin_ours)
+    got_grads = torch.autograd.grad((got_q, got_k), (q, k), (gq, gk))
+    assert not torch.equal(got_q, q)  # it rotates
+    assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
+    for got, ref in zip(got_grads, ref_grads):
+        assert torch.equal(got, ref)
 
 
 def test_forward_argument_errors() -> None:
