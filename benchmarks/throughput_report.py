@@ -29,9 +29,10 @@ def report(r: dict) -> str:
             f"config: {r['local_batch_size']} rows x {r['grad_accum']} micro-batches of "
             f"<= {r['row_len']} tokens (samples truncated at {r['seq_len']}), "
             f"packing {r['packing']}, AC {r['ac']}, "
-            f"compile {r['compile']}, last LLM block trimmed {r['trim_last_block']}, "
+            f"compile {r['compile']}"
+            + "".join(f" {k}={v!r}" for k, v in r["inductor_options"].items())
+            + f", last LLM block trimmed {r['trim_last_block']}, "
             f"logits at {'every position' if r['full_logits'] else 'loss positions only'}, "
-            f"RoPE form {r['rope_form']}, "
             f"attention {r['attn_backend']} (packed rows on torch varlen: {r['torch_varlen']}), "
             f"step check deferred {r['deferred_check']}, {r['num_workers']} data workers"
         ),

@@ -6,6 +6,7 @@ reference's per-GPU rate. Run: python benchmarks/train_throughput.py --stage 1 [
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ from collections import Counter
 from dataclasses import asdict, replace
 
 import torch
+import torch._inductor.config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runnable as a plain script from a checkout without `pip install -e .`.
@@ -25,7 +27,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernel_profile import StepProfiler, install_phase_markers, phase_marker
-from rope_kernel import rope_rotate_half, unsigned_sin
 from throughput_report import depth_scaled_rate, report
 from step_marks import StepMarks, install_probes
 from synthetic_data import TOKENIZER_PATH, write_dataset
@@ -35,7 +36,7 @@ from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum
 from titan_llava.metrics import step_counts as step_counts_of
-from titan_llava.models import attention, vicuna
+from titan_llava.models import attention
 from titan_llava.models.args import LLAVA_FLAVORS
 from titan_llava.trainer import Trainer
 
@@ -83,11 +84,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "then undercounts what runs, compare by samples/s",
     )
     p.add_argument(
-        "--rope-form",
-        choices=("model", "rotate_half"),
-        default="model",
-        help="rotate_half: the before of round 7's RoPE, HF Llama's x * cos + rotate_half(x) * sin "
-        "(a negated cat) on unsigned sin tables, in every LLM block; the same values",
+        "--inductor",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="set a torch._inductor.config option for the whole run, e.g. "
+        "triton.autotune_pointwise=False or coordinate_descent_tuning=True (VALUE a Python "
+        "literal; repeatable): an A/B of how the compiled blocks are tuned",
     )
     p.add_argument(
         "--sgd-standin",
@@ -226,8 +229,6 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         trainer.step_check.defer = False
     if a.full_logits:
         full_logits_loss(trainer)
-    if a.rope_form == "rotate_half":
-        rotate_half_rope(trainer.model.language_model)
     if a.sgd_standin:
         sgd_standin(trainer)
     marks = StepMarks(device)
@@ -349,7 +350,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "compile": a.compile,
         "trim_last_block": a.trim_last_block and not a.full_logits,
         "full_logits": a.full_logits,
-        "rope_form": a.rope_form,
+        "inductor_options": inductor_options(a.inductor),
         # Whether the step's numbers were read a step later (fused AdamW) or before each update.
         "deferred_check": trainer.step_check.defer,
         "attn_backend": trainer.cfg.model.attn_backend,
@@ -415,15 +416,6 @@ def untrim_last_block(llm: torch.nn.Module) -> None:
     last.forward = full_last_block
 
 
-def rotate_half_rope(llm: torch.nn.Module) -> None:
-    """The before of round 7's RoPE: HF Llama's form (`rope_kernel.rope_rotate_half`) on the
-    unsigned sin table, in every LLM block. Patched before the first forward, so the compiled
-    blocks trace it; the values are the same (tests/models/test_vicuna.py)."""
-    with torch.no_grad():
-        llm.rope_sin.copy_(unsigned_sin(llm.rope_sin))
-    vicuna.apply_rope = rope_rotate_half
-
-
 # Fused AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq (7 fp32
 # values per parameter); SGD without momentum reads param and grad and writes param (3). Both are
 # bound by memory bandwidth, so AdamW's step takes about 7/3 of SGD's.
@@ -480,11 +472,30 @@ def _sync_site() -> str:
     return f"{where(repo)} <- {where(inner)}"
 
 
+def inductor_options(pairs: list[str]) -> dict[str, object]:
+    """--inductor KEY=VALUE pairs as a dict for torch._inductor.config.patch (which refuses an
+    unknown key); VALUE is a Python literal."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--inductor takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"--inductor {key}: {value!r} is not a Python literal") from e
+        if not hasattr(torch._inductor.config, key.split(".")[0]):
+            raise ValueError(f"--inductor: torch._inductor.config has no option {key!r}")
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     a, overrides = parse_args(argv)
     if a.steps < 1 or a.warmup < 1:
         raise ValueError("--steps and --warmup must be >= 1")
-    with tempfile.TemporaryDirectory(prefix="titan_llava_bench_") as tmp:
+    options = inductor_options(a.inductor)
+    with tempfile.TemporaryDirectory(prefix="titan_llava_bench_") as tmp, \
+            torch._inductor.config.patch(options):
         folder = a.data_dir or tmp
         r = run(a, overrides, folder)
     print(report(r), flush=True)

@@ -202,7 +202,8 @@ def test_phase_table_attributes_kernels_and_idle_to_the_launching_phase():
 @pytest.mark.parametrize(
     "stage,extra",
     [
-        (1, ["--no-trim-last-block", "--optimizer.implementation", "fused", "--sgd-standin"]),
+        (1, ["--no-trim-last-block", "--optimizer.implementation", "fused", "--sgd-standin",
+             "--inductor", "triton.autotune_pointwise=False"]),
         (2, ["--llm-layers", "1", "--profile", "prof", "--optimizer.implementation", "fused",
              "--no-defer-check", "--full-logits"]),
     ],
@@ -274,6 +275,10 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert kp["phases"] is None
     else:
         assert not r["profiled"] and r["kernel_profile"] is None
+    # --inductor options are reported with the compile setting.
+    options = {"triton.autotune_pointwise": False} if stage == 1 else {}
+    assert r["inductor_options"] == options
+    assert ("compile False triton.autotune_pointwise=False," in proc.stdout) == (stage == 1)
     # Stage 1 untrims the last block itself; stage 2 by computing logits on every position.
     assert not r["trim_last_block"]
     assert r["full_logits"] == (stage == 2)
@@ -305,15 +310,12 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
         assert r["full_depth_estimate_by_time_samples_per_s"] is None
 
 
-def test_befores_give_the_same_loss(tmp_path):
-    """The benchmark's 'before' switches are the same training as the default: --full-logits
-    (head and fp32 CE on every position instead of the loss positions only) gives the same loss
-    after 2 steps, --rope-form rotate_half (HF's RoPE form instead of the model's) the identical
-    one (fp32 on CPU: the two forms are the same products)."""
-    results = {}
-    for name, extra in (("default", []), ("full_logits", ["--full-logits"]),
-                        ("rotate_half", ["--rope-form", "rotate_half"])):
-        out_json = tmp_path / f"{name}.json"
+def test_full_logits_before_gives_the_same_loss(tmp_path):
+    """--full-logits (head and fp32 CE on every position) is the same training as the default
+    (logits at loss positions only): same loss after 2 steps."""
+    losses = []
+    for extra in ([], ["--full-logits"]):
+        out_json = tmp_path / f"r{len(extra)}.json"
         cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
                "--stage", "1", "--flavor", "debug", "--steps", "1", "--warmup", "1",
                "--json-out", str(out_json), *extra]  # fmt: skip
@@ -323,14 +325,23 @@ def test_befores_give_the_same_loss(tmp_path):
             cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = json.loads(out_json.read_text())
-        assert f"RoPE form {results[name]['rope_form']}," in proc.stdout
-    assert results["full_logits"]["full_logits"] and not results["default"]["full_logits"]
-    assert results["rotate_half"]["rope_form"] == "rotate_half"
-    assert results["default"]["rope_form"] == "model"
-    loss = results["default"]["final_loss"]
-    assert results["full_logits"]["final_loss"] == pytest.approx(loss, rel=1e-5)
-    assert results["rotate_half"]["final_loss"] == loss
+        r = json.loads(out_json.read_text())
+        assert r["full_logits"] == bool(extra)
+        losses.append(r["final_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_inductor_options_parse_and_refuse_bad_pairs():
+    from train_throughput import inductor_options
+
+    assert inductor_options(["triton.autotune_pointwise=False", "coordinate_descent_tuning=True"]) == {
+        "triton.autotune_pointwise": False, "coordinate_descent_tuning": True}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        inductor_options(["coordinate_descent_tuning"])
+    with pytest.raises(ValueError, match="not a Python literal"):
+        inductor_options(["coordinate_descent_tuning=yes"])
+    with pytest.raises(ValueError, match="no option 'no_such_option'"):
+        inductor_options(["no_such_option=1"])
 
 
 def test_fsdp_host_overhead_benchmark_prints_every_case():
@@ -355,43 +366,34 @@ def test_patch_embed_benchmark_matches_the_conv_and_prints_timings():
 
 
 def test_rope_kernel_benchmark_matches_the_model_and_prints_timings():
-    # CPU: eager variants only (compiled ones are the GPU's business); the model's form and the
-    # halves formulation must give exactly HF's rotate_half, forward and gradient.
+    # CPU: eager variants only (compiled ones are the GPU's business); the halves and swap
+    # formulations must give exactly the model's rope, forward and gradient.
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "rope_kernel.py"), "--tokens", "64", "--iters", "2"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:]
-            for line in proc.stdout.splitlines() if line.startswith(("model ", "rotate_half ", "halves "))}
-    assert set(rows) == {"model eager", "rotate_half eager", "halves eager"}
+            for line in proc.stdout.splitlines() if line.startswith(("rotate_half ", "halves ", "swap "))}
+    assert set(rows) == {"rotate_half eager", "halves eager", "swap eager"}
     for fwd_ms, gbps, fb_ms, diff, gdiff in rows.values():
         assert float(fwd_ms) > 0 and float(fb_ms) > 0
         assert float(diff) == 0.0 and float(gdiff) == 0.0
 
 
-def test_rotate_half_before_switches_the_blocks_and_the_table(monkeypatch):
-    """--rope-form rotate_half: every block runs HF's form on the unsigned table, and the logits
-    stay the model's (fp32: the same products)."""
-    from rope_kernel import rope_rotate_half
-    from train_throughput import rotate_half_rope
+def test_rope_kernel_lists_triton_launches_in_order():
+    from rope_kernel import launch_lines
 
-    from titan_llava.models import vicuna
-    from titan_llava.models.args import VicunaArgs
-
-    torch.manual_seed(0)
-    llm = vicuna.Vicuna(VicunaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32, hidden_dim=64,
-                                   max_seq_len=64))
-    llm.init_weights()
-    tokens = torch.randint(0, 32, (2, 19))
-    with torch.no_grad():
-        ref = llm(tokens)
-    signed = llm.rope_sin.clone()
-    monkeypatch.setattr(vicuna, "apply_rope", vicuna.apply_rope)  # restored after the test
-    rotate_half_rope(llm)
-    assert vicuna.apply_rope is rope_rotate_half
-    half = signed.shape[-1] // 2
-    assert torch.equal(llm.rope_sin[:, :half], -signed[:, :half])
-    assert torch.equal(llm.rope_sin[:, half:], signed[:, half:])
-    with torch.no_grad():
-        assert torch.equal(llm(tokens), ref)
+    events = [
+        {"cat": "kernel", "name": "triton_poi_fused_add_cat_mul_neg_1", "ts": 20.0, "dur": 517.4,
+         "args": {"grid": [130960, 1, 1], "block": [256, 1, 1], "registers per thread": 45}},
+        {"cat": "kernel", "name": "void pytorch_flash::flash_fwd_kernel", "ts": 30.0, "dur": 9.0,
+         "args": {"grid": [19, 8, 32], "block": [128, 1, 1]}},
+        {"cat": "cpu_op", "name": "triton_poi_fused_add_cat_mul_neg_1", "ts": 1.0, "dur": 3.0},
+        {"cat": "kernel", "name": "triton_poi_fused_add_cat_mul_neg_slice_2", "ts": 10.0, "dur": 118.0,
+         "args": {"grid": [65480, 1, 1], "block": [128, 1, 1]}},
+    ]
+    assert launch_lines(events) == [
+        "    triton_poi_fused_add_cat_mul_neg_slice_2: grid [65480, 1, 1], 4 warps, ? registers, 118 us",
+        "    triton_poi_fused_add_cat_mul_neg_1: grid [130960, 1, 1], 8 warps, 45 registers, 517 us",
+    ]

@@ -1,4 +1,4 @@
-"""Vicuna / Llama-2 decoder: RMSNorm, rotate-half RoPE (HF Llama's, bit for bit), SwiGLU, output head.
+"""Vicuna / Llama-2 decoder: RMSNorm, rotate-half RoPE (as HF Llama), SwiGLU, untied output head.
 
 Runs from token ids or from input embeddings (the LLaVA join), with per-token RoPE positions and
 optional packed-row document masking.
@@ -22,35 +22,24 @@ from titan_llava.models.attention import (
 def rope_tables(
     head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
 ) -> tuple[Tensor, Tensor]:
-    """RoPE tables [max_seq_len, head_dim] in fp32: cos, and sin with rotate-half's sign folded in.
-
-    HF Llama rotates as x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1] and every
-    frequency twice in the tables (halves duplicated). Here the first half of the sin table
-    carries the minus sign instead, and `apply_rope` swaps the halves of x: the same products
-    (negation is exact), so the forward and the eager gradient are HF's bit for bit."""
+    """cos/sin tables [max_seq_len, head_dim] in fp32, frequency halves duplicated (rotate-half form)."""
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
     )
     freqs_SD2 = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
     emb_SD = torch.cat([freqs_SD2, freqs_SD2], dim=-1)
-    sin_SD = emb_SD.sin()
-    sin_SD[:, : head_dim // 2].neg_()
-    return emb_SD.cos(), sin_SD
+    return emb_SD.cos(), emb_SD.sin()
 
 
-def _swap_halves(x: Tensor) -> Tensor:
-    """[x1, x2] -> [x2, x1] on the last dim. Compiled, this is one index map with no mask: a
-    `cat` of the halves compiles to two masked loads per element plus a select (round 6's
-    profile: that RoPE kernel ran at ~0.5 TB/s, a sixth of the block's other pointwise kernels)."""
-    return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rope(x_BSHD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
-    """Rotate x [B, S, H, D] by the tables of `rope_tables` gathered per token ([B, S, D]; sin
-    with its first half negated)."""
     cos = cos_BSD[:, :, None].to(x_BSHD.dtype)
     sin = sin_BSD[:, :, None].to(x_BSHD.dtype)
-    return x_BSHD * cos + _swap_halves(x_BSHD) * sin
+    return x_BSHD * cos + _rotate_half(x_BSHD) * sin
 
 
 class RMSNorm(nn.Module):
