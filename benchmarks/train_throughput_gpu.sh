@@ -169,20 +169,22 @@ round6)  # the deferred step check, replicate_frozen, the last-block trim, logit
   run s2_sacop_prof 100 $S2 --steps 2 --ac selective --profile "$OUT/prof_s2"
   ;;
 round7)  # after round 6 (which ran out of time at stage 2 with selective AC: its cold compile took
-  # > 110 s). First the RoPE kernel: round 6 had ~64 ms of a stage-1 step in it at ~0.5 TB/s,
-  # launched 512/8 where the block's other pointwise kernels ran 1024/4 (rope_kernel.py's
-  # docstring); the micro-benchmark, then stage 1 with inductor's pointwise autotuning off and
-  # with coordinate-descent tuning against the default, in one call. Then the full-depth AC
-  # policies in one call (SGD stand-in), the stage-1 profile with replicate_frozen, stage 2 at 8
-  # layers selective vs no AC in one call, foreach vs fused AdamW (the step check then reads
-  # before the update), the tower as one FSDP unit; defer_probe first also names the site of the
-  # one host sync round 6 saw in step 1
+  # > 110 s). defer_probe first (it now names the site of the one host sync round 6 saw in step
+  # 1). Then the two kernels stage 1 loses most to: RoPE (round 6 had ~64 ms of a step in it at
+  # ~0.5 TB/s, launched 512/8 where the block's other pointwise kernels ran 1024/4: see
+  # rope_kernel.py's docstring) and attention (torch's flash varlen against cuDNN's ragged
+  # kernel, attention_kernel.py). Then stage 1 with inductor's pointwise autotuning off and with
+  # coordinate-descent tuning against the default, in one call, and its profile. Then the
+  # full-depth AC policies in one call (SGD stand-in), stage 2 at 8 layers selective vs no AC in
+  # one call, foreach vs fused AdamW (the step check then reads before the update), the tower as
+  # one FSDP unit.
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
   S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
   defer_probe 60
   MICRO_TAIL=80 micro rope_kernel 150 python benchmarks/rope_kernel.py
+  micro attention_kernel 90 python benchmarks/attention_kernel.py
   run s1_repl 100 $S1 $P1
   run s1_repl_noautotune 100 $S1 $P1 --inductor triton.autotune_pointwise=False
   run s1_repl_cdt 150 $S1 $P1 --inductor coordinate_descent_tuning=True

@@ -397,3 +397,26 @@ def test_rope_kernel_lists_triton_launches_in_order():
         "    triton_poi_fused_add_cat_mul_neg_slice_2: grid [65480, 1, 1], 4 warps, ? registers, 118 us",
         "    triton_poi_fused_add_cat_mul_neg_1: grid [130960, 1, 1], 8 warps, 45 registers, 517 us",
     ]
+
+
+def test_attention_kernel_benchmark_runs_its_reference_check_on_cpu():
+    # CPU: the dense-mask route against the per-document fp32 reference; the CUDA kernels are
+    # reported as skipped.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "attention_kernel.py"), "--iters", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("dense mask"))
+    out_diff, grad_diff = (float(x) for x in row.split()[-2:])
+    assert out_diff < 1e-5 and grad_diff < 1e-5
+    assert "cuDNN ragged: skipped (need CUDA)" in proc.stdout
+    assert proc.stdout.rstrip().endswith("ATTENTION KERNELS OK")
+
+
+def test_attention_kernel_flop_count_by_hand():
+    from attention_kernel import causal_attention_flops
+
+    # Documents of 3 and 2 tokens: 6 + 3 causal pairs; 2 heads x 4 dims: 4 * 8 FLOPs per pair.
+    assert causal_attention_flops([3, 2], heads=2, head_dim=4, backward=False) == 4 * 8 * 9
+    assert causal_attention_flops([3, 2], heads=2, head_dim=4, backward=True) == 3 * 4 * 8 * 9

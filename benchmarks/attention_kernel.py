@@ -1,0 +1,152 @@
+"""Packed-row causal attention at Vicuna-7B shapes: the kernel the LLM blocks run on CUDA (torch's
+flash varlen, `attention._torch_varlen_causal`) against cuDNN's ragged attention
+(`aten._cudnn_attention_forward` with cumulative sequence offsets, the kernel newer torch
+releases route varlen attention to on Hopper), forward and forward + backward. Prints ms, TFLOP/s
+(the FLOP model's convention: causal pairs L(L+1)/2 per document, backward 2x the forward) and
+the max difference of the output and the input gradients from an fp32 reference (each document
+alone through plain causal SDPA in fp32).
+
+    python benchmarks/attention_kernel.py [--doc-lens 2200,2200,...] [--iters 10]
+
+Why: round 6's stage-1 profile put attention at ~149 ms of an ~880 ms step, ~220 TFLOP/s by a
+hand count, while the matmuls run at ~800. Torch 2.11's varlen attention is FA2-class; cuDNN's
+Hopper kernels use wgmma (round 6's trace shows them serving the vision tower's dense SDPA).
+torch 2.13 still routes varlen to flash only, and its cuDNN branch for varlen is disabled. So
+this checks the cuDNN kernel's correctness and speed before the model gets a route to it.
+
+Default: one 16384-token row of stage-1-like documents (7 x ~2200 + a short one). On CPU
+(no CUDA) it checks the reference against the dense-mask SDPA the model uses there, at a few
+hundred tokens, and says the GPU kernels were skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from timing import timed_ms
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from titan_llava.models.attention import (  # noqa: E402
+    VarlenInfo,
+    _torch_varlen_causal,
+    build_attention_mask,
+    causal_attention,
+    torch_varlen_usable,
+)
+
+
+def causal_attention_flops(doc_lens: list[int], heads: int, head_dim: int, backward: bool) -> float:
+    """The FLOP model's count (titan_llava.flops): 4 * (heads * head_dim) per attended causal
+    pair, L(L+1)/2 pairs per document; the backward twice the forward."""
+    pairs = sum(n * (n + 1) // 2 for n in doc_lens)
+    return 4.0 * heads * head_dim * pairs * (3 if backward else 1)
+
+
+def reference(q, k, v, doc_lens):
+    """Each document alone through plain causal SDPA in fp32: [T, H, D]."""
+    outs, start = [], 0
+    for n in doc_lens:
+        qd, kd, vd = (t[start : start + n].float().transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)[0].transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+def cudnn_ragged(q, k, v, info: VarlenInfo):
+    """cuDNN's ragged causal attention on [T, H, D] with cumulative offsets (autograd: aten's
+    derivative, `_cudnn_attention_backward`)."""
+    cu = info.cu_seqlens
+    return torch.ops.aten._cudnn_attention_forward(
+        q, k, v, None, cu, cu, info.max_seqlen, info.max_seqlen, True, 0.0, True, False
+    )[0]
+
+
+def flash_varlen(q, k, v, info: VarlenInfo):
+    """The model's CUDA route for packed rows (torch's varlen flash kernel) on [T, H, D]."""
+    return _torch_varlen_causal(q[None], k[None], v[None], info, False)[0]
+
+
+def dense_mask(q, k, v, info: VarlenInfo, doc_ids):
+    """The model's CPU route: SDPA with a dense boolean document mask."""
+    mask = build_attention_mask("sdpa", doc_ids[None], 1, q.shape[0], q.device, dtype=torch.float32)
+    return causal_attention(q[None], k[None], v[None], mask, "sdpa", gqa=False)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--doc-lens", default=None,
+                   help="comma-separated document lengths of the packed row (default: 16384 tokens "
+                   "of ~2200-token documents on CUDA, a few hundred tokens on CPU)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--iters", type=int, default=10)
+    a = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if a.doc_lens:
+        doc_lens = [int(n) for n in a.doc_lens.split(",")]
+    else:
+        doc_lens = [2200] * 7 + [984] if cuda else [150, 90, 16]
+    tokens = sum(doc_lens)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(tokens, a.heads, a.head_dim, device=device, dtype=dtype, generator=g)
+               .requires_grad_(True) for _ in range(3))
+    grad_out = torch.randn(tokens, a.heads, a.head_dim, device=device, dtype=dtype, generator=g)
+    doc_ids = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(doc_lens)])
+    cu = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    info = VarlenInfo(cu_seqlens=cu, max_seqlen=max(doc_lens))
+
+    ref_out = reference(q, k, v, doc_lens)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), grad_out.float())
+    cudnn_version = torch.backends.cudnn.version() if cuda else None
+    print(f"packed causal attention: 1 row of {tokens} tokens, {len(doc_lens)} documents "
+          f"(max {max(doc_lens)}), {a.heads} heads x {a.head_dim}, {dtype}, on "
+          f"{torch.cuda.get_device_name() if cuda else 'cpu'} (torch {torch.__version__}, "
+          f"cuDNN {cudnn_version})")
+    fwd_flops = causal_attention_flops(doc_lens, a.heads, a.head_dim, backward=False)
+    all_flops = causal_attention_flops(doc_lens, a.heads, a.head_dim, backward=True)
+    print(f"{'kernel':34s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} "
+          f"{'out diff':>9s} {'grad diff':>9s}  (diff: max |x - ref| / max |ref|, fp32 reference)")
+    kernels = {"dense mask (the CPU route)": lambda: dense_mask(q, k, v, info, doc_ids)}
+    if cuda:
+        kernels = {"flash varlen (the model's route)": lambda: flash_varlen(q, k, v, info),
+                   "cuDNN ragged": lambda: cudnn_ragged(q, k, v, info)}
+    ok = True
+    for name, fn in kernels.items():
+        if name.startswith("flash") and not torch_varlen_usable(device, dtype):
+            print(f"{name:34s} skipped: this torch has no varlen attention")
+            continue
+        try:
+            out = fn()
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        except Exception as e:  # noqa: BLE001 - report the kernel's refusal and go on
+            print(f"{name:34s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            ok = False
+            continue
+        out_diff = (out.float() - ref_out).abs().max().item() / ref_out.abs().max().item()
+        grad_diff = max((gr.float() - rg).abs().max().item() / rg.abs().max().item()
+                        for gr, rg in zip(grads, ref_grads))
+
+        def fwd_bwd(fn=fn):
+            torch.autograd.grad(fn(), (q, k, v), grad_out)
+
+        ms = timed_ms(fn, a.iters, cuda)
+        ms_fb = timed_ms(fwd_bwd, a.iters, cuda)
+        print(f"{name:34s} {ms:8.3f} {fwd_flops / ms / 1e9:8.1f} {ms_fb:11.3f} "
+              f"{all_flops / ms_fb / 1e9:8.1f} {out_diff:9.2e} {grad_diff:9.2e}")
+        # bf16 on CUDA: a few bf16 roundings of O(1) values; fp32 on CPU: float error only.
+        ok &= out_diff < (2e-2 if cuda else 1e-5) and grad_diff < (5e-2 if cuda else 1e-5)
+    if not cuda:
+        print("flash varlen, cuDNN ragged: skipped (need CUDA)")
+    print("ATTENTION KERNELS " + ("OK" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
