@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     cu = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     info = VarlenInfo(cu_seqlens=cu, max_seqlen=max(doc_lens))
 
-    ref_out = reference(q, k, v, doc_lens)
-    ref_grads = torch.autograd.grad(ref_out, (q, k, v), grad_out.float())
+    # The reference on fp32 copies (its gradients too: not rounded back to bf16 leaves).
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref_out = reference(q32, k32, v32, doc_lens)
+    ref_grads = torch.autograd.grad(ref_out, (q32, k32, v32), grad_out.float())
+    ref_out = ref_out.detach()
     cudnn_version = torch.backends.cudnn.version() if cuda else None
     print(f"packed causal attention: 1 row of {tokens} tokens, {len(doc_lens)} documents "
           f"(max {max(doc_lens)}), {a.heads} heads x {a.head_dim}, {dtype}, on "

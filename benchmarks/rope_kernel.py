@@ -5,16 +5,16 @@ each compiled Triton kernel: block of elements, warps, registers.
 
     python benchmarks/rope_kernel.py [--tokens 16384] [--iters 20] [--no-compile]
 
-Why: round 6's stage-1 profile (benchmarks/README.md) had the compiled RoPE kernels at ~64 ms of
-a ~880 ms step. Each forward call rotated q or k (128 MiB in, 128 MiB out at 16384 tokens) in
-~0.52 ms, about 0.5 TB/s, while the SwiGLU kernel of the same blocks ran at ~2.9 TB/s. The trace
-says more: the RoPE forward and backward kernels were the only pointwise kernels of the block
-launched with 512-element blocks of 8 warps (2 elements per thread, 45 registers), where the
-others ran 1024-element blocks of 4 warps (8 per thread). Inductor autotunes a pointwise kernel
-between those two launches on its first call. The PTX of inductor's code for this RoPE (built
-for sm_90 without a GPU, Triton 3.9) has 16-byte loads and stores at 1024/4 and 4-byte ones at
-512/8. The 'swap' form (below) compiles to scalar 2-byte loads of the rotated operand, at either
-launch. So the variants separate the launch choice from the formulation.
+Why: round 6's stage-1 profile (benchmarks/README.md) had the compiled RoPE kernels at ~57 ms of a
+~966 ms profiled step. Each forward call rotated q or k (128 MiB in, 128 MiB out at 16384 tokens)
+in ~0.52 ms, about 0.5 TB/s, while the SwiGLU kernel of the same blocks ran at ~2.9 TB/s. The
+trace says more: in the 31 full blocks, the RoPE forward and backward kernels were the only
+pointwise kernels launched with 512-element blocks of 8 warps (2 elements per thread; 45 and 32
+registers), where the others ran 1024-element blocks of 4 warps (8 per thread). Inductor autotunes
+a pointwise kernel between those two launches on its first call. The PTX of inductor's code for
+this RoPE (built for sm_90 without a GPU, Triton 3.9) has 16-byte loads and stores at 1024/4 and
+4-byte ones at 512/8. The 'swap' form (below) compiles to scalar 2-byte loads of the rotated
+operand, at either launch. So the variants separate the launch choice from the formulation.
 
 Variants, each on q and k [1, S, 32 x 128] in bf16, viewed into heads inside (as the block does),
 with fp32 cos/sin tables gathered by position (as `Vicuna.forward` passes them):

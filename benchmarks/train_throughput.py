@@ -473,19 +473,33 @@ def _sync_site() -> str:
 
 
 def inductor_options(pairs: list[str]) -> dict[str, object]:
-    """--inductor KEY=VALUE pairs as a dict for torch._inductor.config.patch (which refuses an
-    unknown key); VALUE is a Python literal."""
+    """--inductor KEY=VALUE pairs as a dict for torch._inductor.config.patch; VALUE is a Python
+    literal of the option's type (an int where a float is expected is fine)."""
+    known = torch._inductor.config.get_config_copy()
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--inductor takes KEY=VALUE, got {pair!r}")
+        if key not in known:
+            raise ValueError(f"--inductor: torch._inductor.config has no option {key!r}")
         try:
-            options[key] = ast.literal_eval(value)
+            parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError) as e:
             raise ValueError(f"--inductor {key}: {value!r} is not a Python literal") from e
-        if not hasattr(torch._inductor.config, key.split(".")[0]):
-            raise ValueError(f"--inductor: torch._inductor.config has no option {key!r}")
+        default = known[key]
+        expected = float if isinstance(default, float) else type(default)
+        ok = (
+            default is None
+            or (isinstance(parsed, bool) if isinstance(default, bool) else isinstance(parsed, expected))
+            or (expected is float and isinstance(parsed, int) and not isinstance(parsed, bool))
+        )
+        if not ok:
+            raise ValueError(
+                f"--inductor {key}: expected a {type(default).__name__} (default {default!r}), "
+                f"got {parsed!r}"
+            )
+        options[key] = parsed
     return options
 
 

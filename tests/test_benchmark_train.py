@@ -342,6 +342,12 @@ def test_inductor_options_parse_and_refuse_bad_pairs():
         inductor_options(["coordinate_descent_tuning=yes"])
     with pytest.raises(ValueError, match="no option 'no_such_option'"):
         inductor_options(["no_such_option=1"])
+    with pytest.raises(ValueError, match="no option 'triton.no_such_option'"):
+        inductor_options(["triton.no_such_option=1"])
+    with pytest.raises(ValueError, match="expected a bool"):
+        inductor_options(["coordinate_descent_tuning='yes'"])
+    with pytest.raises(ValueError, match="expected a bool"):
+        inductor_options(["coordinate_descent_tuning=1"])
 
 
 def test_fsdp_host_overhead_benchmark_prints_every_case():

@@ -116,9 +116,9 @@ def test_gradients_at_selected_positions_match_llama() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_is_llamas_bit_for_bit(dtype: torch.dtype) -> None:
-    """Our RoPE (tables with rotate-half's sign folded into sin, halves swapped instead of a
-    negated cat) against transformers' rotary embedding and apply_rotary_pos_emb: the same
-    forward and the same eager gradient, bit for bit, in fp32 and bf16."""
+    """Our RoPE (the model's tables gathered by position, rotate-half form) against transformers'
+    rotary embedding and apply_rotary_pos_emb: the same forward and the same eager gradient, bit
+    for bit, in fp32 and bf16."""
     args = VicunaArgs(dim=64, n_layers=1, n_heads=4, vocab_size=16, hidden_dim=32,
                       rope_theta=5000.0, max_seq_len=4096)
     ours = Vicuna(args)
