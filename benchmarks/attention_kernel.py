@@ -57,13 +57,25 @@ def reference(q, k, v, doc_lens):
     return torch.cat(outs)
 
 
-def cudnn_ragged(q, k, v, info: VarlenInfo):
-    """cuDNN's ragged causal attention on [T, H, D] with cumulative offsets (autograd: aten's
-    derivative, `_cudnn_attention_backward`)."""
+def cudnn_ragged_outputs(q, k, v, info: VarlenInfo):
+    """All outputs of cuDNN's ragged causal attention on [T, H, D] with cumulative offsets:
+    (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, philox_seed, philox_offset, debug)."""
     cu = info.cu_seqlens
     return torch.ops.aten._cudnn_attention_forward(
         q, k, v, None, cu, cu, info.max_seqlen, info.max_seqlen, True, 0.0, True, False
-    )[0]
+    )
+
+
+def cudnn_ragged(q, k, v, info: VarlenInfo):
+    """Its output (autograd: aten's derivative, `_cudnn_attention_backward`)."""
+    return cudnn_ragged_outputs(q, k, v, info)[0]
+
+
+def describe(t) -> str:
+    """'shape [..] stride [..] dtype' of a tensor (what a fake kernel for the op must return)."""
+    if not isinstance(t, torch.Tensor):
+        return repr(t)
+    return f"shape {list(t.shape)} stride {list(t.stride())} {t.dtype}"
 
 
 def flash_varlen(q, k, v, info: VarlenInfo):
@@ -145,7 +157,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{all_flops / ms_fb / 1e9:8.1f} {out_diff:9.2e} {grad_diff:9.2e}")
         # bf16 on CUDA: a few bf16 roundings of O(1) values; fp32 on CPU: float error only.
         ok &= out_diff < (2e-2 if cuda else 1e-5) and grad_diff < (5e-2 if cuda else 1e-5)
-    if not cuda:
+    if cuda:
+        # What a fake kernel (for a custom op the compiled blocks can trace) must return.
+        try:
+            outs = cudnn_ragged_outputs(q.detach(), k.detach(), v.detach(), info)
+            names = ("output", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+                     "philox_seed", "philox_offset", "debug_attn_mask")
+            for n, t in zip(names, outs):
+                print(f"  cuDNN ragged {n}: {describe(t)}")
+        except Exception as e:  # noqa: BLE001 - already reported above
+            print(f"  cuDNN ragged outputs: {type(e).__name__}")
+    else:
         print("flash varlen, cuDNN ragged: skipped (need CUDA)")
     print("ATTENTION KERNELS " + ("OK" if ok else "FAILED"))
     return 0 if ok else 1

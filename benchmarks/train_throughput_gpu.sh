@@ -184,7 +184,7 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
   defer_probe 60
   MICRO_TAIL=80 micro rope_kernel 200 python benchmarks/rope_kernel.py
-  micro attention_kernel 90 python benchmarks/attention_kernel.py
+  MICRO_TAIL=20 micro attention_kernel 90 python benchmarks/attention_kernel.py
   run s1_repl 100 $S1 $P1
   run s1_repl_noautotune 100 $S1 $P1 --inductor triton.autotune_pointwise=False
   run s1_repl_cdt 150 $S1 $P1 --inductor coordinate_descent_tuning=True
