@@ -1,0 +1,159 @@
+"""attn_backend "cudnn": the custom ops the blocks trace (schema, fake and autograd checked by
+torch.library.opcheck), their CPU reference against torch's SDPA, the model and a compiled,
+selectively checkpointed block on that route, and the log-sum-exp layouts the CUDA path adapts
+to. The cuDNN kernel itself is checked on a GPU by benchmarks/attention_kernel.py."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titan_llava.distributed.parallelize import checkpoint_block, compile_block
+from titan_llava.models import cudnn_varlen
+from titan_llava.models.args import VicunaArgs
+from titan_llava.models.attention import VarlenInfo, build_attention_mask, causal_attention
+from titan_llava.models.cudnn_varlen import varlen_causal, varlen_causal_backward
+from titan_llava.models.vicuna import Vicuna, VicunaBlock, rope_tables
+
+DOCS = [5, 9, 1, 7]  # a one-token document too
+
+
+def _qkv(tokens=sum(DOCS), heads=3, dim=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(tokens, heads, dim, generator=g, dtype=dtype).requires_grad_(True)
+            for _ in range(3)]
+
+
+def _cu(lens):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def test_ops_pass_opcheck():
+    q, k, v = _qkv()
+    cu = _cu(DOCS)
+    torch.library.opcheck(varlen_causal, (q, k, v, cu, max(DOCS)))
+    out, lse = varlen_causal(q, k, v, cu, max(DOCS))
+    grad = torch.randn_like(out)
+    torch.library.opcheck(
+        varlen_causal_backward, (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu, max(DOCS))
+    )
+
+
+def test_reference_matches_sdpa_per_document():
+    q, k, v = _qkv()
+    out, lse = varlen_causal(q, k, v, _cu(DOCS), max(DOCS))
+    assert out.shape == q.shape and lse.shape == (3, sum(DOCS)) and lse.dtype == torch.float32
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    start, refs, lses = 0, [], []
+    for n in DOCS:
+        qd, kd, vd = (t[start : start + n].transpose(0, 1) for t in (q, k, v))
+        refs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(0, 1))
+        scores = (qd @ kd.transpose(1, 2)) / 8**0.5
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        lses.append(torch.logsumexp(scores, -1))
+        start += n
+    ref = torch.cat(refs)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    assert (out - ref).abs().max() < 1e-5
+    assert (lse - torch.cat(lses, 1)).abs().max() < 1e-5
+    for g, w in zip(got, want):
+        assert w.abs().max() > 0 and (g - w).abs().max() < 1e-5
+
+
+def test_packed_model_matches_the_dense_mask_route():
+    """A Vicuna on attn_backend "cudnn" (CPU: the reference ops) gives the sdpa backend's
+    dense-mask logits and input gradients on packed rows, with the same weights."""
+    args = VicunaArgs(dim=48, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=96, max_seq_len=64)
+    torch.manual_seed(0)
+    sdpa = Vicuna(args, "sdpa")
+    sdpa.init_weights()
+    cudnn = Vicuna(args, "cudnn")
+    cudnn.load_state_dict(sdpa.state_dict())
+    lens = [[6, 10, 4], [20]]
+    doc_ids = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(r)]) for r in lens])
+    positions = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in lens])
+    h = torch.randn(2, 20, args.dim)
+    mask = build_attention_mask("cudnn", doc_ids, 2, 20, h.device)
+    assert isinstance(mask, VarlenInfo) and mask.cu_seqlens.tolist() == [0, 6, 16, 20, 40]
+    results = []
+    for model in (sdpa, cudnn):
+        x = h.clone().requires_grad_(True)
+        logits = model(h_BSD=x, positions=positions, document_ids=doc_ids)
+        logits.square().mean().backward()
+        results.append((logits, x.grad))
+    (ls, gs), (lc, gc) = results
+    assert (lc - ls).abs().max() < 1e-5
+    assert (gc - gs).abs().max() < 1e-6 and gs.abs().max() > 0
+
+
+def test_compiled_block_traces_the_op_and_selective_ac_saves_it(monkeypatch):
+    """The blocks compile whole (fullgraph) around the op and match eager; selective ("op") AC
+    keeps its output, so the backward does not run the attention forward again (full AC does)."""
+    args = VicunaArgs(dim=32, n_layers=1, n_heads=2, vocab_size=8, hidden_dim=64, max_seq_len=64)
+    torch.manual_seed(0)
+    block = VicunaBlock(args, "cudnn")
+    block.init_weights(0.02)
+    lens = [7, 12, 5]
+    cos_t, sin_t = rope_tables(args.head_dim, 64, args.rope_theta)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cos, sin = cos_t[pos], sin_t[pos]
+    mask = VarlenInfo(cu_seqlens=_cu(lens), max_seqlen=max(lens))
+    h = torch.randn(1, sum(lens), args.dim)
+
+    def run(b):
+        x = h.clone().requires_grad_(True)
+        out = b(x, cos, sin, mask)
+        out.square().sum().backward()
+        return out.detach(), x.grad
+
+    ref_out, ref_grad = run(block)
+    calls = []
+    real = cudnn_varlen._reference
+    monkeypatch.setattr(cudnn_varlen, "_reference", lambda *a: calls.append(1) or real(*a))
+    for name, op_policy in (("selective", True), ("full", False)):
+        b = copy.deepcopy(block)
+        checkpoint_block(b, op_policy=op_policy)
+        compile_block(b)
+        calls.clear()
+        out, grad = run(b)
+        assert (out - ref_out).abs().max() < 1e-5 and (grad - ref_grad).abs().max() < 1e-5, name
+        # One forward call; full AC reruns it in the backward, selective AC keeps its output.
+        assert len(calls) == (1 if op_policy else 2), (name, len(calls))
+
+
+def test_gqa_is_refused():
+    args = VicunaArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=8, hidden_dim=32)
+    with pytest.raises(ValueError, match="'cudnn' has no GQA path"):
+        Vicuna(args, "cudnn")
+    q = torch.zeros(1, 4, 4, 8)
+    kv = torch.zeros(1, 4, 2, 8)
+    mask = VarlenInfo(cu_seqlens=_cu([4]), max_seqlen=4)
+    with pytest.raises(ValueError, match="'cudnn' has no GQA path"):
+        causal_attention(q, kv, kv, mask, "cudnn", gqa=True)
+
+
+@pytest.mark.parametrize("kind", ["TH1", "TH1 heads-major", "HT", "TH"])
+def test_log_sum_exp_layouts_round_trip(kind, monkeypatch):
+    """Whatever layout cuDNN's forward returns, the op passes [H, T] on and hands the backward
+    the forward's own layout back."""
+    monkeypatch.setattr(cudnn_varlen, "_CUDNN_LSE_LAYOUT", None)
+    t, h = 6, 3
+    ht = torch.arange(h * t, dtype=torch.float32).reshape(h, t)
+    returned = {
+        "TH1": ht.t().contiguous()[..., None],
+        "TH1 heads-major": ht.clone().t()[..., None],  # [T, H, 1] over [H, T] storage
+        "HT": ht.clone(),
+        "TH": ht.t().contiguous(),
+    }[kind]
+    got = cudnn_varlen._lse_to_heads_tokens(returned, t, h)
+    assert torch.equal(got, ht) and got.is_contiguous()
+    back = cudnn_varlen._lse_for_cudnn(got)
+    assert back.shape == returned.shape and back.stride() == returned.stride()
+    assert torch.equal(back, returned)
+
+
+def test_unexpected_log_sum_exp_shape_names_it():
+    with pytest.raises(RuntimeError, match=r"shape \[2, 6\] for 6 tokens x 3 heads"):
+        cudnn_varlen._lse_to_heads_tokens(torch.zeros(2, 6), 6, 3)

@@ -1,0 +1,163 @@
+"""Causal attention over packed documents on cuDNN's ragged kernel (`attn_backend = "cudnn"`), as
+custom ops the compiled blocks trace whole (fullgraph) and selective AC can save.
+
+On CUDA the forward is `aten._cudnn_attention_forward` with cumulative sequence offsets and the
+backward `aten._cudnn_attention_backward`. torch (2.11-2.13) has no fake kernel for those ops and
+does not route its own varlen attention to them, so they are wrapped here. Elsewhere (CPU, for
+tests) the same ops compute each document alone in fp32: exact, and slow at real lengths.
+
+Layout: q, k, v and the output are [T, H, D] (all rows' tokens flattened); `cu_seqlens` (int32,
+[n_docs + 1]) holds the document starts. The log-sum-exp passed from forward to backward is
+[H, T] fp32 (flash's convention). Releases differ in what cuDNN returns, so the forward converts
+and records the layout, and the backward rebuilds it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# How this process's cuDNN forward laid out its log-sum-exp: ("HT" | "TH" | "TH1", strides
+# transposed?), set by the first CUDA forward and read by the backward.
+_CUDNN_LSE_LAYOUT: tuple[str, bool] | None = None
+
+
+def _lse_to_heads_tokens(lse: Tensor, tokens: int, heads: int) -> Tensor:
+    """cuDNN's log-sum-exp as [H, T] contiguous; records the layout for the backward."""
+    global _CUDNN_LSE_LAYOUT
+    shape = tuple(lse.shape)
+    if shape == (tokens, heads, 1):
+        kind, ht = "TH1", lse[..., 0].t()
+    elif shape == (heads, tokens):
+        kind, ht = "HT", lse
+    elif shape == (tokens, heads):
+        kind, ht = "TH", lse.t()
+    else:
+        raise RuntimeError(
+            f"cuDNN ragged attention returned a log-sum-exp of shape {list(shape)} for {tokens} "
+            f"tokens x {heads} heads (expected [T, H, 1], [H, T] or [T, H]); use "
+            "model.attn_backend 'sdpa'"
+        )
+    _CUDNN_LSE_LAYOUT = (kind, kind != "HT" and lse.stride(0) == 1 and tokens > 1)
+    return ht.float().contiguous()
+
+
+def _lse_for_cudnn(lse_ht: Tensor) -> Tensor:
+    """The [H, T] log-sum-exp in the layout this process's cuDNN forward returned."""
+    if _CUDNN_LSE_LAYOUT is None:
+        raise RuntimeError("cuDNN varlen backward before any cuDNN varlen forward")
+    kind, heads_major = _CUDNN_LSE_LAYOUT
+    if kind == "HT":
+        return lse_ht
+    th = lse_ht.t() if heads_major else lse_ht.t().contiguous()
+    return th[..., None] if kind == "TH1" else th
+
+
+def _documents(cu_seqlens: Tensor):
+    bounds = cu_seqlens.tolist()
+    return zip(bounds[:-1], bounds[1:])
+
+
+def _scores(qd: Tensor, kd: Tensor) -> Tensor:
+    """Causal scores [H, L, L] of one document's [H, L, D] fp32 q and k (1/sqrt(D) scale)."""
+    scores = qd @ kd.transpose(1, 2) / math.sqrt(qd.shape[-1])
+    n = qd.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=qd.device).tril()
+    return scores.masked_fill(~causal, float("-inf"))
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """Each document alone, causal, in fp32: the output in q's dtype and the log-sum-exp [H, T]."""
+    outs, lses = [], []
+    for start, end in _documents(cu_seqlens):
+        qd, kd, vd = (t[start:end].float().transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        scores = _scores(qd, kd)
+        lse = torch.logsumexp(scores, dim=-1)  # [H, L]
+        outs.append((torch.exp(scores - lse[..., None]) @ vd).transpose(0, 1))
+        lses.append(lse)
+    return torch.cat(outs).to(q.dtype).contiguous(), torch.cat(lses, dim=1).contiguous()
+
+
+def _reference_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention backward by hand (a custom op's body runs without autograd), in fp32:
+    P = exp(S - lse); dV = P^T dO; dS = P * (dO V^T - rowsum(dO * O)); dQ = dS K / sqrt(D);
+    dK = dS^T Q / sqrt(D)."""
+    grads: list[list[Tensor]] = [[], [], []]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    for start, end in _documents(cu_seqlens):
+        qd, kd, vd, god, od = (
+            t[start:end].float().transpose(0, 1) for t in (q, k, v, grad_out, out)
+        )
+        p = torch.exp(_scores(qd, kd) - lse[:, start:end, None])
+        dv = p.transpose(1, 2) @ god
+        ds = p * (god @ vd.transpose(1, 2) - (god * od).sum(-1, keepdim=True))
+        dq, dk = ds @ kd * scale, ds.transpose(1, 2) @ qd * scale
+        for acc, g in zip(grads, (dq, dk, dv)):
+            acc.append(g.transpose(0, 1))
+    return tuple(torch.cat(g).to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
+
+
+@torch.library.custom_op("titan_llava::varlen_causal", mutates_args=())
+def varlen_causal(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
+) -> tuple[Tensor, Tensor]:
+    """Causal attention within each document of [T, H, D] q/k/v: (output [T, H, D], log-sum-exp
+    [H, T] fp32)."""
+    if q.is_cuda:
+        res = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, True, 0.0, True, False
+        )
+        return res[0].contiguous(), _lse_to_heads_tokens(res[1], q.shape[0], q.shape[1])
+    return _reference(q, k, v, cu_seqlens)
+
+
+@varlen_causal.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("titan_llava::varlen_causal_backward", mutates_args=())
+def varlen_causal_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if q.is_cuda:
+        unused = torch.empty(0, device=q.device)  # philox seed / offset: no dropout
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            grad_out.contiguous(), q, k, v, out, _lse_for_cudnn(lse), unused, unused, None,
+            cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True,
+        )
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _reference_backward(grad_out, q, k, v, out, lse, cu_seqlens)
+
+
+@varlen_causal_backward.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_seqlen = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen = max_seqlen
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = varlen_causal_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, None, None
+
+
+varlen_causal.register_autograd(_backward, setup_context=_setup_context)
