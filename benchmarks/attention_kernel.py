@@ -1,7 +1,8 @@
 """Packed-row causal attention at Vicuna-7B shapes: the kernel the LLM blocks run on CUDA (torch's
 flash varlen, `attention._torch_varlen_causal`) against cuDNN's ragged attention
 (`aten._cudnn_attention_forward` with cumulative sequence offsets, the kernel newer torch
-releases route varlen attention to on Hopper), forward and forward + backward. Prints ms, TFLOP/s
+releases route varlen attention to on Hopper), raw and through the model's `attn_backend
+"cudnn"` custom ops, forward and forward + backward. Prints ms, TFLOP/s
 (the FLOP model's convention: causal pairs L(L+1)/2 per document, backward 2x the forward) and
 the max difference of the output and the input gradients from an fp32 reference (each document
 alone through plain causal SDPA in fp32).
@@ -12,7 +13,7 @@ Why: round 6's stage-1 profile put attention at ~149 ms of an ~880 ms step, ~220
 hand count, while the matmuls run at ~800. Torch 2.11's varlen attention is FA2-class; cuDNN's
 Hopper kernels use wgmma (round 6's trace shows them serving the vision tower's dense SDPA).
 torch 2.13 still routes varlen to flash only, and its cuDNN branch for varlen is disabled. So
-this checks the cuDNN kernel's correctness and speed before the model gets a route to it.
+this checks the cuDNN kernel's correctness and speed, and the model's opt-in route to it.
 
 Default: one 16384-token row of stage-1-like documents (7 x ~2200 + a short one). On CPU
 (no CUDA) it checks the reference against the dense-mask SDPA the model uses there, at a few
@@ -38,6 +39,7 @@ from titan_llava.models.attention import (  # noqa: E402
     causal_attention,
     torch_varlen_usable,
 )
+from titan_llava.models.cudnn_varlen import varlen_causal  # noqa: E402
 
 
 def causal_attention_flops(doc_lens: list[int], heads: int, head_dim: int, backward: bool) -> float:
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     kernels = {"dense mask (the CPU route)": lambda: dense_mask(q, k, v, info, doc_ids)}
     if cuda:
         kernels = {"flash varlen (the model's route)": lambda: flash_varlen(q, k, v, info),
-                   "cuDNN ragged": lambda: cudnn_ragged(q, k, v, info)}
+                   "cuDNN ragged": lambda: cudnn_ragged(q, k, v, info),
+                   # attn_backend "cudnn": the same kernel through the model's custom ops (their
+                   # log-sum-exp handling and backward call are what this checks)
+                   "cuDNN via titan_llava op": lambda: varlen_causal(q, k, v, cu, info.max_seqlen)[0]}
     ok = True
     for name, fn in kernels.items():
         if name.startswith("flash") and not torch_varlen_usable(device, dtype):
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - already reported above
             print(f"  cuDNN ragged outputs: {type(e).__name__}")
     else:
-        print("flash varlen, cuDNN ragged: skipped (need CUDA)")
+        print("flash varlen, cuDNN ragged, cuDNN via titan_llava op: skipped (need CUDA)")
     print("ATTENTION KERNELS " + ("OK" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -173,11 +173,11 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   # 1). Then the two kernels stage 1 loses most to: RoPE (round 6 had ~64 ms of a step in it at
   # ~0.5 TB/s, launched 512/8 where the block's other pointwise kernels ran 1024/4: see
   # rope_kernel.py's docstring) and attention (torch's flash varlen against cuDNN's ragged
-  # kernel, attention_kernel.py). Then stage 1 with inductor's pointwise autotuning off and with
-  # coordinate-descent tuning against the default, in one call, and its profile. Then the
-  # full-depth AC policies in one call (SGD stand-in), stage 2 at 8 layers selective vs no AC in
-  # one call, foreach vs fused AdamW (the step check then reads before the update), the tower as
-  # one FSDP unit.
+  # kernel, attention_kernel.py, which also checks the model's opt-in "cudnn" route). Then stage
+  # 1 on that route, with inductor's pointwise autotuning off and with coordinate-descent tuning,
+  # against the default in one call, and its profile. Then the full-depth AC policies in one
+  # call (SGD stand-in), stage 2 at 8 layers selective vs no AC in one call, foreach vs fused
+  # AdamW (the step check then reads before the update), the tower as one FSDP unit.
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
@@ -186,6 +186,7 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   MICRO_TAIL=80 micro rope_kernel 200 python benchmarks/rope_kernel.py
   MICRO_TAIL=20 micro attention_kernel 90 python benchmarks/attention_kernel.py
   run s1_repl 100 $S1 $P1
+  run s1_repl_cudnn 100 $S1 $P1 --model.attn_backend cudnn
   run s1_repl_noautotune 100 $S1 $P1 --inductor triton.autotune_pointwise=False
   run s1_repl_cdt 150 $S1 $P1 --inductor coordinate_descent_tuning=True
   run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"

@@ -88,7 +88,16 @@ def test_packed_model_matches_the_dense_mask_route():
     assert (gc - gs).abs().max() < 1e-6 and gs.abs().max() > 0
 
 
-def test_compiled_block_traces_the_op_and_selective_ac_saves_it(monkeypatch):
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled block classes share one code object per class: leave no cache entries behind
+    for other tests that count them."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_block_traces_the_op_and_selective_ac_saves_it(monkeypatch, fresh_dynamo):
     """The blocks compile whole (fullgraph) around the op and match eager; selective ("op") AC
     keeps its output, so the backward does not run the attention forward again (full AC does)."""
     args = VicunaArgs(dim=32, n_layers=1, n_heads=2, vocab_size=8, hidden_dim=64, max_seq_len=64)
