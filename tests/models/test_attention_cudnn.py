@@ -166,3 +166,71 @@ def test_log_sum_exp_layouts_round_trip(kind, monkeypatch):
 def test_unexpected_log_sum_exp_shape_names_it():
     with pytest.raises(RuntimeError, match=r"shape \[2, 6\] for 6 tokens x 3 heads"):
         cudnn_varlen._lse_to_heads_tokens(torch.zeros(2, 6), 6, 3)
+
+
+class _SchemaCheckingAten:
+    """Stands in for torch.ops.aten on the CUDA path: binds each call to the real op's schema
+    (names and order as this torch declares them), checks what the route passes, and answers
+    with the CPU reference, its log-sum-exp in the [T, H, 1] layout some releases return."""
+
+    def __init__(self, cu, max_seqlen):
+        self.cu, self.max_seqlen, self.calls = cu, max_seqlen, []
+        self.seed, self.offset = torch.tensor([7]), torch.tensor([11])
+        self.lse_returned = None
+
+    @staticmethod
+    def _bind(op, args, kwargs):
+        names = [a.name for a in op.default._schema.arguments]
+        assert len(args) <= len(names)
+        bound = dict(zip(names, args))
+        assert not set(kwargs) & set(bound)
+        bound.update(kwargs)
+        assert set(bound) <= set(names), set(bound) - set(names)
+        return bound
+
+    def _cudnn_attention_forward(self, *args, **kwargs):
+        a = self._bind(torch.ops.aten._cudnn_attention_forward, args, kwargs)
+        self.calls.append("forward")
+        assert a["attn_bias"] is None and a["compute_log_sumexp"] is True
+        assert a["dropout_p"] == 0.0 and a["is_causal"] is True and a["return_debug_mask"] is False
+        assert a["cum_seq_q"] is self.cu and a["cum_seq_k"] is self.cu
+        assert a["max_q"] == a["max_k"] == self.max_seqlen
+        out, lse_ht = cudnn_varlen._reference(a["query"], a["key"], a["value"], self.cu)
+        self.lse_returned = lse_ht.t().contiguous()[..., None]  # [T, H, 1]
+        return (out, self.lse_returned, self.cu, self.cu, self.max_seqlen, self.max_seqlen,
+                self.seed, self.offset, torch.empty(0))
+
+    def _cudnn_attention_backward(self, *args, **kwargs):
+        a = self._bind(torch.ops.aten._cudnn_attention_backward, args, kwargs)
+        self.calls.append("backward")
+        assert a["philox_seed"] is self.seed and a["philox_offset"] is self.offset
+        assert a["attn_bias"] is None and a["dropout_p"] == 0.0 and a["is_causal"] is True
+        assert a["cum_seq_q"] is self.cu and a["cum_seq_k"] is self.cu
+        assert a["max_q"] == a["max_k"] == self.max_seqlen
+        lse = a["logsumexp"]  # handed back in the layout the forward returned
+        assert lse.shape == self.lse_returned.shape and lse.stride() == self.lse_returned.stride()
+        assert torch.equal(lse, self.lse_returned)
+        lse_ht = lse[..., 0].t()
+        return cudnn_varlen._reference_backward(
+            a["grad_out"], a["query"], a["key"], a["value"], a["out"], lse_ht, self.cu
+        )
+
+
+def test_cuda_path_calls_the_aten_ops_by_their_schemas(monkeypatch):
+    """The CUDA branch's calls, checked against this torch's schemas of
+    aten._cudnn_attention_forward / _backward (a stub answers: no GPU here)."""
+    q, k, v = (t.detach() for t in _qkv())
+    cu = _cu(DOCS)
+    stub = _SchemaCheckingAten(cu, max(DOCS))
+    monkeypatch.setattr(cudnn_varlen, "_aten", stub)
+    monkeypatch.setattr(cudnn_varlen, "_CUDNN_LSE_LAYOUT", None)
+    monkeypatch.setattr(cudnn_varlen, "_CUDNN_PHILOX", None)
+    out, lse = cudnn_varlen._cudnn_forward(q, k, v, cu, max(DOCS))
+    ref_out, ref_lse = cudnn_varlen._reference(q, k, v, cu)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)  # [H, T] onwards
+    grad = torch.randn_like(out)
+    grads = cudnn_varlen._cudnn_backward(grad, q, k, v, out, lse, cu, max(DOCS))
+    want = cudnn_varlen._reference_backward(grad, q, k, v, ref_out, ref_lse, cu)
+    for g, w in zip(grads, want):
+        assert torch.equal(g, w)
+    assert stub.calls == ["forward", "backward"]

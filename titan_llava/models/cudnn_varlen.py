@@ -22,6 +22,12 @@ from torch import Tensor
 # How this process's cuDNN forward laid out its log-sum-exp: ("HT" | "TH" | "TH1", strides
 # transposed?), set by the first CUDA forward and read by the backward.
 _CUDNN_LSE_LAYOUT: tuple[str, bool] | None = None
+# The philox seed and offset tensors of the latest CUDA forward. Without dropout they are the
+# same constants every call. The backward passes them on, as aten's own derivative does.
+_CUDNN_PHILOX: tuple[Tensor, Tensor] | None = None
+# The aten namespace the CUDA path calls (a test replaces it with a stub that checks the calls
+# against the ops' schemas: the kernels cannot run on CPU).
+_aten = torch.ops.aten
 
 
 def _lse_to_heads_tokens(lse: Tensor, tokens: int, heads: int) -> Tensor:
@@ -101,6 +107,37 @@ def _reference_backward(
     return tuple(torch.cat(g).to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
 
+def _cudnn_forward(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
+) -> tuple[Tensor, Tensor]:
+    global _CUDNN_PHILOX
+    res = _aten._cudnn_attention_forward(
+        q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, True, 0.0, True, False
+    )
+    _CUDNN_PHILOX = (res[6], res[7])
+    return res[0].contiguous(), _lse_to_heads_tokens(res[1], q.shape[0], q.shape[1])
+
+
+def _cudnn_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _CUDNN_PHILOX is None:
+        raise RuntimeError("cuDNN varlen backward before any cuDNN varlen forward")
+    seed, offset = _CUDNN_PHILOX
+    dq, dk, dv = _aten._cudnn_attention_backward(
+        grad_out.contiguous(), q, k, v, out, _lse_for_cudnn(lse), seed, offset, None,
+        cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True,
+    )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
 @torch.library.custom_op("titan_llava::varlen_causal", mutates_args=())
 def varlen_causal(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
@@ -108,10 +145,7 @@ def varlen_causal(
     """Causal attention within each document of [T, H, D] q/k/v: (output [T, H, D], log-sum-exp
     [H, T] fp32)."""
     if q.is_cuda:
-        res = torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, True, 0.0, True, False
-        )
-        return res[0].contiguous(), _lse_to_heads_tokens(res[1], q.shape[0], q.shape[1])
+        return _cudnn_forward(q, k, v, cu_seqlens, max_seqlen)
     return _reference(q, k, v, cu_seqlens)
 
 
@@ -132,12 +166,7 @@ def varlen_causal_backward(
     max_seqlen: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if q.is_cuda:
-        unused = torch.empty(0, device=q.device)  # philox seed / offset: no dropout
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad_out.contiguous(), q, k, v, out, _lse_for_cudnn(lse), unused, unused, None,
-            cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True,
-        )
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        return _cudnn_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen)
     return _reference_backward(grad_out, q, k, v, out, lse, cu_seqlens)
 
 
