@@ -85,10 +85,18 @@ def flash_varlen(q, k, v, info: VarlenInfo):
     return _torch_varlen_causal(q[None], k[None], v[None], info, False)[0]
 
 
-def dense_mask(q, k, v, info: VarlenInfo, doc_ids):
+def dense_mask(q, k, v, info: VarlenInfo, doc_ids):  # noqa: ARG001 - takes a whole layout
     """The model's CPU route: SDPA with a dense boolean document mask."""
     mask = build_attention_mask("sdpa", doc_ids[None], 1, q.shape[0], q.device, dtype=torch.float32)
     return causal_attention(q[None], k[None], v[None], mask, "sdpa", gqa=False)[0]
+
+
+def layout(doc_lens: list[int], device: torch.device) -> tuple[VarlenInfo, torch.Tensor]:
+    """A packed row's VarlenInfo and document ids."""
+    cu = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32,
+                      device=device)
+    ids = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(doc_lens)])
+    return VarlenInfo(cu_seqlens=cu, max_seqlen=max(doc_lens)), ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     q, k, v = (torch.randn(tokens, a.heads, a.head_dim, device=device, dtype=dtype, generator=g)
                .requires_grad_(True) for _ in range(3))
     grad_out = torch.randn(tokens, a.heads, a.head_dim, device=device, dtype=dtype, generator=g)
-    doc_ids = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(doc_lens)])
-    cu = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    info = VarlenInfo(cu_seqlens=cu, max_seqlen=max(doc_lens))
+    info, _ = layout(doc_lens, device)
 
     # The reference on fp32 copies (its gradients too: not rounded back to bf16 leaves).
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
@@ -130,20 +136,27 @@ def main(argv: list[str] | None = None) -> int:
     all_flops = causal_attention_flops(doc_lens, a.heads, a.head_dim, backward=True)
     print(f"{'kernel':34s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} "
           f"{'out diff':>9s} {'grad diff':>9s}  (diff: max |x - ref| / max |ref|, fp32 reference)")
-    kernels = {"dense mask (the CPU route)": lambda: dense_mask(q, k, v, info, doc_ids)}
+    # Each kernel takes a layout (VarlenInfo, document ids). The same tokens are also timed
+    # cycling through three packings, as training meets a new one every step (a kernel that
+    # rebuilds a plan per packing shows it there).
+    kernels = {"dense mask (the CPU route)": lambda lay: dense_mask(q, k, v, *lay)}
     if cuda:
-        kernels = {"flash varlen (the model's route)": lambda: flash_varlen(q, k, v, info),
-                   "cuDNN ragged": lambda: cudnn_ragged(q, k, v, info),
+        kernels = {"flash varlen (the model's route)": lambda lay: flash_varlen(q, k, v, lay[0]),
+                   "cuDNN ragged": lambda lay: cudnn_ragged(q, k, v, lay[0]),
                    # attn_backend "cudnn": the same kernel through the model's custom ops (their
                    # log-sum-exp handling and backward call are what this checks)
-                   "cuDNN via titan_llava op": lambda: varlen_causal(q, k, v, cu, info.max_seqlen)[0]}
+                   "cuDNN via titan_llava op": lambda lay: varlen_causal(
+                       q, k, v, lay[0].cu_seqlens, lay[0].max_seqlen)[0]}
+    halves = [tokens // 2, tokens - tokens // 2]
+    small = [tokens // 16] * 15 + [tokens - 15 * (tokens // 16)]
+    layouts = [layout(doc_lens, device), layout(halves, device), layout(small, device)]
     ok = True
     for name, fn in kernels.items():
         if name.startswith("flash") and not torch_varlen_usable(device, dtype):
             print(f"{name:34s} skipped: this torch has no varlen attention")
             continue
         try:
-            out = fn()
+            out = fn(layouts[0])
             grads = torch.autograd.grad(out, (q, k, v), grad_out)
         except Exception as e:  # noqa: BLE001 - report the kernel's refusal and go on
             print(f"{name:34s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -153,13 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         grad_diff = max((gr.float() - rg).abs().max().item() / rg.abs().max().item()
                         for gr, rg in zip(grads, ref_grads))
 
-        def fwd_bwd(fn=fn):
-            torch.autograd.grad(fn(), (q, k, v), grad_out)
+        def fwd_bwd(fn=fn, lay=layouts[0]):
+            torch.autograd.grad(fn(lay), (q, k, v), grad_out)
 
-        ms = timed_ms(fn, a.iters, cuda)
+        cycle = iter(range(10**9))
+
+        def fwd_bwd_cycling(fn=fn):
+            torch.autograd.grad(fn(layouts[next(cycle) % 3]), (q, k, v), grad_out)
+
+        ms = timed_ms(lambda fn=fn: fn(layouts[0]), a.iters, cuda)
         ms_fb = timed_ms(fwd_bwd, a.iters, cuda)
+        ms_cyc = timed_ms(fwd_bwd_cycling, a.iters, cuda)
         print(f"{name:34s} {ms:8.3f} {fwd_flops / ms / 1e9:8.1f} {ms_fb:11.3f} "
-              f"{all_flops / ms_fb / 1e9:8.1f} {out_diff:9.2e} {grad_diff:9.2e}")
+              f"{all_flops / ms_fb / 1e9:8.1f} {out_diff:9.2e} {grad_diff:9.2e}  cycling 3 "
+              f"packings: {ms_cyc:.3f} ms fwd+bwd")
         # bf16 on CUDA: a few bf16 roundings of O(1) values; fp32 on CPU: float error only.
         ok &= out_diff < (2e-2 if cuda else 1e-5) and grad_diff < (5e-2 if cuda else 1e-5)
     if cuda:

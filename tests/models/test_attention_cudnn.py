@@ -130,6 +130,15 @@ def test_compiled_block_traces_the_op_and_selective_ac_saves_it(monkeypatch, fre
         assert (out - ref_out).abs().max() < 1e-5 and (grad - ref_grad).abs().max() < 1e-5, name
         # One forward call; full AC reruns it in the backward, selective AC keeps its output.
         assert len(calls) == (1 if op_policy else 2), (name, len(calls))
+    # Another packing (more documents, another longest one) through the same compiled block.
+    lens2 = [3, 15, 2, 4]
+    mask2 = VarlenInfo(cu_seqlens=_cu(lens2), max_seqlen=max(lens2))
+    h2 = torch.randn(1, sum(lens2), args.dim)
+    pos2 = torch.cat([torch.arange(n) for n in lens2])[None]
+    with torch.no_grad():
+        want = block(h2, cos_t[pos2], sin_t[pos2], mask2)
+        got = b(h2, cos_t[pos2], sin_t[pos2], mask2)
+    assert (got - want).abs().max() < 1e-5
 
 
 def test_gqa_is_refused():
@@ -216,10 +225,27 @@ class _SchemaCheckingAten:
         )
 
 
+def test_real_backward_op_accepts_no_attention_bias():
+    """The backward schema declares `Tensor attn_bias` (not optional); the route passes None.
+    The real op takes it: on CPU the call gets past argument parsing to the missing kernel."""
+    t, lse, empty = torch.zeros(4, 2, 8), torch.zeros(2, 4), torch.empty(0)
+    cu = _cu([4])
+    with pytest.raises(NotImplementedError, match="'CPU' backend"):
+        torch.ops.aten._cudnn_attention_backward(
+            t, t, t, t, t, lse, empty, empty, None, cu, cu, 4, 4, 0.0, True
+        )
+
+
+def test_cuda_path_refuses_fp32():
+    q, k, v = (t.detach() for t in _qkv())
+    with pytest.raises(ValueError, match="bf16/fp16 activations on CUDA, got torch.float32"):
+        cudnn_varlen._cudnn_forward(q, k, v, _cu(DOCS), max(DOCS))
+
+
 def test_cuda_path_calls_the_aten_ops_by_their_schemas(monkeypatch):
     """The CUDA branch's calls, checked against this torch's schemas of
     aten._cudnn_attention_forward / _backward (a stub answers: no GPU here)."""
-    q, k, v = (t.detach() for t in _qkv())
+    q, k, v = (t.detach() for t in _qkv(dtype=torch.bfloat16))
     cu = _cu(DOCS)
     stub = _SchemaCheckingAten(cu, max(DOCS))
     monkeypatch.setattr(cudnn_varlen, "_aten", stub)

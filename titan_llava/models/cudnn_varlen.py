@@ -107,10 +107,20 @@ def _reference_backward(
     return tuple(torch.cat(g).to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
 
+def _check_half(q: Tensor) -> None:
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"attn_backend 'cudnn' runs bf16/fp16 activations on CUDA, got {q.dtype}: use "
+            "model.attn_backend 'sdpa', or training.mixed_precision_param 'bfloat16'"
+        )
+
+
 def _cudnn_forward(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
 ) -> tuple[Tensor, Tensor]:
     global _CUDNN_PHILOX
+    _check_half(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # packed [T, H, D] rows
     res = _aten._cudnn_attention_forward(
         q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, True, 0.0, True, False
     )
@@ -131,6 +141,7 @@ def _cudnn_backward(
     if _CUDNN_PHILOX is None:
         raise RuntimeError("cuDNN varlen backward before any cuDNN varlen forward")
     seed, offset = _CUDNN_PHILOX
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = _aten._cudnn_attention_backward(
         grad_out.contiguous(), q, k, v, out, _lse_for_cudnn(lse), seed, offset, None,
         cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True,
