@@ -23,6 +23,7 @@ hundred tokens, and says the GPU kernels were skipped.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -32,21 +33,16 @@ from timing import timed_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from titan_llava.flops import attention_flops  # noqa: E402
 from titan_llava.models.attention import (  # noqa: E402
     VarlenInfo,
     _torch_varlen_causal,
     build_attention_mask,
     causal_attention,
     torch_varlen_usable,
+    varlen_info,
 )
 from titan_llava.models.cudnn_varlen import varlen_causal  # noqa: E402
-
-
-def causal_attention_flops(doc_lens: list[int], heads: int, head_dim: int, backward: bool) -> float:
-    """The FLOP model's count (titan_llava.flops): 4 * (heads * head_dim) per attended causal
-    pair, L(L+1)/2 pairs per document; the backward twice the forward."""
-    pairs = sum(n * (n + 1) // 2 for n in doc_lens)
-    return 4.0 * heads * head_dim * pairs * (3 if backward else 1)
 
 
 def reference(q, k, v, doc_lens):
@@ -85,18 +81,16 @@ def flash_varlen(q, k, v, info: VarlenInfo):
     return _torch_varlen_causal(q[None], k[None], v[None], info, False)[0]
 
 
-def dense_mask(q, k, v, info: VarlenInfo, doc_ids):  # noqa: ARG001 - takes a whole layout
+def dense_mask(q, k, v, doc_ids):
     """The model's CPU route: SDPA with a dense boolean document mask."""
     mask = build_attention_mask("sdpa", doc_ids[None], 1, q.shape[0], q.device, dtype=torch.float32)
     return causal_attention(q[None], k[None], v[None], mask, "sdpa", gqa=False)[0]
 
 
 def layout(doc_lens: list[int], device: torch.device) -> tuple[VarlenInfo, torch.Tensor]:
-    """A packed row's VarlenInfo and document ids."""
-    cu = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32,
-                      device=device)
+    """A packed row's VarlenInfo (the model's `varlen_info`) and document ids."""
     ids = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(doc_lens)])
-    return VarlenInfo(cu_seqlens=cu, max_seqlen=max(doc_lens)), ids
+    return varlen_info(ids[None], len(ids)), ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(max {max(doc_lens)}), {a.heads} heads x {a.head_dim}, {dtype}, on "
           f"{torch.cuda.get_device_name() if cuda else 'cpu'} (torch {torch.__version__}, "
           f"cuDNN {cudnn_version})")
-    fwd_flops = causal_attention_flops(doc_lens, a.heads, a.head_dim, backward=False)
-    all_flops = causal_attention_flops(doc_lens, a.heads, a.head_dim, backward=True)
+    fwd_flops = attention_flops(a.heads * a.head_dim, doc_lens, backward=False)
+    all_flops = attention_flops(a.heads * a.head_dim, doc_lens, backward=True)
     print(f"{'kernel':34s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} "
           f"{'out diff':>9s} {'grad diff':>9s}  (diff: max |x - ref| / max |ref|, fp32 reference)")
     # Each kernel takes a layout (VarlenInfo, document ids). The same tokens are also timed
     # cycling through three packings, as training meets a new one every step (a kernel that
     # rebuilds a plan per packing shows it there).
-    kernels = {"dense mask (the CPU route)": lambda lay: dense_mask(q, k, v, *lay)}
+    kernels = {"dense mask (the CPU route)": lambda lay: dense_mask(q, k, v, lay[1])}
     if cuda:
         kernels = {"flash varlen (the model's route)": lambda lay: flash_varlen(q, k, v, lay[0]),
                    "cuDNN ragged": lambda lay: cudnn_ragged(q, k, v, lay[0]),
@@ -169,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         def fwd_bwd(fn=fn, lay=layouts[0]):
             torch.autograd.grad(fn(lay), (q, k, v), grad_out)
 
-        cycle = iter(range(10**9))
+        packings = itertools.cycle(layouts)
 
         def fwd_bwd_cycling(fn=fn):
-            torch.autograd.grad(fn(layouts[next(cycle) % 3]), (q, k, v), grad_out)
+            torch.autograd.grad(fn(next(packings)), (q, k, v), grad_out)
 
         ms = timed_ms(lambda fn=fn: fn(layouts[0]), a.iters, cuda)
         ms_fb = timed_ms(fwd_bwd, a.iters, cuda)

@@ -423,8 +423,8 @@ def test_attention_kernel_benchmark_runs_its_reference_check_on_cpu():
 
 
 def test_attention_kernel_flop_count_by_hand():
-    from attention_kernel import causal_attention_flops
+    from titan_llava.flops import attention_flops
 
     # Documents of 3 and 2 tokens: 6 + 3 causal pairs; 2 heads x 4 dims: 4 * 8 FLOPs per pair.
-    assert causal_attention_flops([3, 2], heads=2, head_dim=4, backward=False) == 4 * 8 * 9
-    assert causal_attention_flops([3, 2], heads=2, head_dim=4, backward=True) == 3 * 4 * 8 * 9
+    assert attention_flops(2 * 4, [3, 2], backward=False) == 4 * 8 * 9
+    assert attention_flops(2 * 4, [3, 2], backward=True) == 3 * 4 * 8 * 9

@@ -57,6 +57,19 @@ def llm_qkv_params(a: VicunaArgs) -> int:
     return a.dim * a.dim + 2 * a.dim * a.kv_heads * a.head_dim
 
 
+def attention_flops(
+    width: int, doc_lengths: Sequence[int], backward: bool, causal_halved: bool = True
+) -> int:
+    """One layer's attention core over documents of the given lengths: QK^T and PV, 2 FLOPs per
+    multiply-add over `width` (n_heads * head_dim) for each attended pair (causal: L(L+1)/2 per
+    document, else L^2); the backward (input gradients) twice the forward."""
+    if causal_halved:
+        pairs = sum(n * (n + 1) // 2 for n in doc_lengths)
+    else:
+        pairs = sum(n * n for n in doc_lengths)
+    return 4 * width * pairs * (3 if backward else 1)
+
+
 def llm_flops(
     a: VicunaArgs,
     doc_lengths: Sequence[int],
@@ -79,12 +92,7 @@ def llm_flops(
     per_token = tokens * ((a.n_layers - 1) * block_params + qkv)
     per_head = head * (block_params - qkv + head_params)
     weights = 2 * (per_token + per_head) * _mult(trainable, needs_input_grad)
-    if causal_halved:
-        pairs = sum(n * (n + 1) // 2 for n in doc_lengths)
-    else:
-        pairs = sum(n * n for n in doc_lengths)
-    # QK^T and PV: 2 FLOPs per multiply-add over head_dim * n_heads = dim, for each attended pair.
-    attention = 4 * a.dim * pairs * a.n_layers * (3 if backward else 1)
+    attention = a.n_layers * attention_flops(a.dim, doc_lengths, backward, causal_halved)
     return float(weights + attention)
 
 
