@@ -17,6 +17,7 @@
 # a state-free SGD standing in for AdamW (--sgd-standin), stage 2 without AC and with the vision
 # tower as one FSDP unit, the sync count.
 # PLAN=round7: what round 6 left (see the plan's comment).
+# PLAN=round7h200: stage 2 at the full depth with the real AdamW on one H200 (see the plan's comment).
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -50,6 +51,7 @@ run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared 
   timed "$1" "$2" $B "${@:3}" ${EXTRA:-} || return 0
   grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|OPTIMIZER|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
     "$OUT/$name.log" | log
+  grep -E "start-up check" "$OUT/$name.log" | tail -n 1 | log  # attn_backend cudnn's check
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | log
 }
 
@@ -170,12 +172,13 @@ round6)  # the deferred step check, replicate_frozen, the last-block trim, logit
   ;;
 round7)  # after round 6 (which ran out of time at stage 2 with selective AC: its cold compile took
   # > 110 s). defer_probe first (it now names the site of the one host sync round 6 saw in step
-  # 1). Then the two kernels stage 1 loses most to: RoPE (round 6 had ~64 ms of a step in it at
-  # ~0.5 TB/s, launched 512/8 where the block's other pointwise kernels ran 1024/4: see
-  # rope_kernel.py's docstring) and attention (torch's flash varlen against cuDNN's ragged
-  # kernel, attention_kernel.py, which also checks the model's opt-in "cudnn" route). Then stage
-  # 1 on that route, with inductor's pointwise autotuning off and with coordinate-descent tuning,
-  # against the default in one call, and its profile. Then the full-depth AC policies in one
+  # 1). Then stage 1 against the two kernels it loses most to, train-level first (what 2x
+  # needs): the default, inductor's pointwise autotuning off (RoPE: ~57 ms of a step at ~0.5
+  # TB/s, launched 512/8 where the block's other pointwise kernels ran 1024/4: see
+  # rope_kernel.py's docstring), the model's opt-in "cudnn" attention route. Then the kernel
+  # micro-benchmarks that explain them (attention_kernel.py also checks the cudnn route's parity
+  # against fp32 SDPA; rope_kernel.py prints each variant's launch), coordinate-descent tuning,
+  # and the profile. Then the full-depth AC policies in one
   # call (SGD stand-in), stage 2 at 8 layers selective vs no AC in one call, foreach vs fused
   # AdamW (the step check then reads before the update), the tower as one FSDP unit.
   S1="--stage 1 --steps ${STEPS:-6}"
@@ -183,11 +186,11 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
   S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
   defer_probe 60
-  MICRO_TAIL=80 micro rope_kernel 200 python benchmarks/rope_kernel.py
-  MICRO_TAIL=20 micro attention_kernel 90 python benchmarks/attention_kernel.py
   run s1_repl 100 $S1 $P1
-  run s1_repl_cudnn 100 $S1 $P1 --model.attn_backend cudnn
   run s1_repl_noautotune 100 $S1 $P1 --inductor triton.autotune_pointwise=False
+  run s1_repl_cudnn 100 $S1 $P1 --model.attn_backend cudnn
+  MICRO_TAIL=20 micro attention_kernel 90 python benchmarks/attention_kernel.py
+  MICRO_TAIL=80 micro rope_kernel 200 python benchmarks/rope_kernel.py
   run s1_repl_cdt 150 $S1 $P1 --inductor coordinate_descent_tuning=True
   run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_full_sgd_sacop 220 $S2F --ac selective
@@ -199,6 +202,18 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   ;;
 probe)  # only the deferred-step-check probe (seconds)
   defer_probe 60
+  ;;
+round7h200)  # one H200 (kind nvidia-h200): stage 2 at the FULL depth with the real AdamW (fp32
+  # master weights, gradients and moments ~105 GiB; round 6's AC-full run with the SGD stand-in
+  # peaked at 53.5 GiB), AC full against selective in one call: the shipped stage-2 policy at the
+  # real depth with no estimate. Then the SGD stand-in without AC (~90 GiB by round 6's figures):
+  # the per-GPU work of the 8-GPU config with no AC (there the sharded fp32 state is ~14 GB).
+  # Same flags as round 6's s2_full_sgd_acfull otherwise; H200 figures are not compared with H100's.
+  S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192"
+  run s2_full_adamw_acfull 200 $S2F --ac full
+  run s2_full_adamw_sacop 240 $S2F --ac selective
+  run s2_full_sgd_noac 200 $S2F --sgd-standin --ac none
+  run s2_full_sgd_acfull 150 $S2F --sgd-standin --ac full
   ;;
 round3h200)  # stage 2 at FULL depth on one H200 (fp32 master + AdamW ~108 GB; AC full, compiled)
   S2="--stage 2 --grad-accum 2 --steps ${STEPS:-4} --compile"

@@ -260,3 +260,103 @@ def test_cuda_path_calls_the_aten_ops_by_their_schemas(monkeypatch):
     for g, w in zip(grads, want):
         assert torch.equal(g, w)
     assert stub.calls == ["forward", "backward"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_startup_check_passes_on_an_exact_route(dtype):
+    diffs = cudnn_varlen.startup_check(torch.device("cpu"), dtype, n_heads=4, head_dim=32)
+    assert set(diffs) == {"out", "lse", "dq", "dk", "dv"}
+    # The CPU route is exact: what is left is the rounding of its results to `dtype`.
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert max(diffs.values()) < bound, diffs
+
+
+def _swap_dk_dv(real):
+    def backward(*args):
+        dq, dk, dv = real(*args)
+        return dq, dv, dk
+    return backward
+
+
+def _not_causal(real):
+    def scores(qd, kd):
+        return qd @ kd.transpose(1, 2) / qd.shape[-1] ** 0.5
+    return scores
+
+
+def _one_document(real):
+    def documents(cu_seqlens):
+        return [(0, int(cu_seqlens[-1]))]
+    return documents
+
+
+def _lse_shifted(real):
+    def reference(*args):
+        out, lse = real(*args)
+        return out, lse + 0.5
+    return reference
+
+
+@pytest.mark.parametrize(
+    "target, breakage, named",
+    [
+        ("_reference_backward", _swap_dk_dv, ["dk", "dv"]),
+        ("_scores", _not_causal, ["out", "lse", "dq", "dk", "dv"]),
+        ("_documents", _one_document, ["out", "lse", "dq", "dk", "dv"]),
+        ("_reference", _lse_shifted, ["lse", "dq", "dk", "dv"]),  # the backward reads the lse
+    ],
+)
+def test_startup_check_catches_a_wrong_route(monkeypatch, target, breakage, named):
+    """The check's reference is torch's SDPA and autograd, not the module's own reference: break
+    the route's computation (the op looks these helpers up at call time) and it must say where."""
+    monkeypatch.setattr(cudnn_varlen, target, breakage(getattr(cudnn_varlen, target)))
+    with pytest.raises(RuntimeError, match="failed its start-up check") as err:
+        cudnn_varlen.startup_check(torch.device("cpu"), torch.bfloat16, n_heads=2, head_dim=16)
+    msg = str(err.value)
+    assert "model.attn_backend 'sdpa'" in msg
+    for name in named:
+        assert f"{name} differs by" in msg, msg
+    for name in {"out", "lse", "dq", "dk", "dv"} - set(named):
+        assert f"{name} differs by" not in msg, msg
+
+
+def test_startup_check_refuses_fp32_on_cuda_before_touching_the_device():
+    with pytest.raises(ValueError, match="bf16/fp16 activations on CUDA"):
+        cudnn_varlen.startup_check(torch.device("cuda"), torch.float32, n_heads=2, head_dim=16)
+
+
+def _bare_trainer(backend, device, n_kv_heads=None):
+    from types import SimpleNamespace
+
+    from titan_llava.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(
+        model=SimpleNamespace(attn_backend=backend),
+        training=SimpleNamespace(mixed_precision_param="bfloat16"),
+    )
+    trainer.model_args = SimpleNamespace(
+        llm=VicunaArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=32)
+    )
+    trainer.device = torch.device(device)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "backend, device, runs", [("cudnn", "cuda", True), ("cudnn", "cpu", False), ("sdpa", "cuda", False)]
+)
+def test_trainer_checks_the_cudnn_route_on_cuda_only(monkeypatch, backend, device, runs):
+    import titan_llava.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(
+        trainer_module, "startup_check",
+        lambda *args: calls.append(args) or dict.fromkeys(("out", "lse", "dq", "dk", "dv"), 0.0),
+    )
+    _bare_trainer(backend, device)._check_attention_route()
+    assert calls == ([(torch.device("cuda"), torch.bfloat16, 4, 64)] if runs else [])
+
+
+def test_trainer_refuses_gqa_on_the_cudnn_route_before_any_work():
+    with pytest.raises(ValueError, match="no GQA path.*4 query heads but 2 key/value heads"):
+        _bare_trainer("cudnn", "cpu", n_kv_heads=2)._check_attention_route()

@@ -14,9 +14,11 @@ and records the layout, and the backward rebuilds it.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # How this process's cuDNN forward laid out its log-sum-exp: ("HT" | "TH" | "TH1", strides
@@ -201,3 +203,71 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 varlen_causal.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Start-up check: three documents whose lengths are not multiples of a tile, one longer than a
+# 128-token tile.
+_CHECK_DOCS = (17, 64, 131)
+# Largest |difference| / max |reference| accepted per activation dtype: room for a kernel that
+# keeps probabilities in that dtype (bf16 keeps 8 significant bits, fp16 11; the exact
+# per-document computation rounded to bf16 is off by ~4e-3 here). A wrong layout, mask or operand
+# order is off by order one.
+_CHECK_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+
+
+def startup_check(
+    device: torch.device, dtype: torch.dtype, n_heads: int, head_dim: int, op=None
+) -> dict[str, float]:
+    """Run the route on `device` once at a small size, forward and backward, and compare it with
+    each document alone through fp32 SDPA on the CPU (torch's kernel and autograd: independent
+    of this module's reference). Returns the relative differences {"out", "lse", "dq", "dk",
+    "dv"}; raises RuntimeError naming each one past `dtype`'s tolerance. `op` stands in for
+    `varlen_causal` (tests)."""
+    op = varlen_causal if op is None else op
+    if device.type == "cuda":
+        _check_half(torch.empty(0, dtype=dtype))
+    g = torch.Generator().manual_seed(0)
+    tokens = sum(_CHECK_DOCS)
+    q, k, v, grad_out = (
+        torch.randn(tokens, n_heads, head_dim, generator=g).to(dtype) for _ in range(4)
+    )
+    cu = torch.tensor([0, *itertools.accumulate(_CHECK_DOCS)], dtype=torch.int32)
+
+    # Reference: the same dtype-rounded inputs in fp32, one document at a time.
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    outs, lses = [], []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd, kd, vd = (t[start:end].transpose(0, 1) for t in leaves)
+        outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(0, 1))
+        n = end - start
+        scores = (qd.detach() @ kd.detach().transpose(1, 2)) / math.sqrt(head_dim)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        lses.append(torch.logsumexp(scores.masked_fill(~causal, float("-inf")), dim=-1))
+    ref_out = torch.cat(outs)
+    ref = {"out": ref_out.detach(), "lse": torch.cat(lses, dim=1)}
+    ref.update(zip(("dq", "dk", "dv"), torch.autograd.grad(ref_out, leaves, grad_out.float())))
+
+    dev = [t.to(device).requires_grad_(True) for t in (q, k, v)]
+    out, lse = op(*dev, cu.to(device), max(_CHECK_DOCS))
+    grads = torch.autograd.grad(out, dev, grad_out.to(device))
+    got = {"out": out, "lse": lse, **dict(zip(("dq", "dk", "dv"), grads))}
+
+    diffs, bad = {}, []
+    tol = _CHECK_TOLERANCE[dtype]
+    for name, want in ref.items():
+        have = got[name].detach().float().cpu()
+        if have.shape != want.shape:
+            bad.append(f"{name} has shape {list(have.shape)}, expected {list(want.shape)}")
+            diffs[name] = float("inf")
+            continue
+        diffs[name] = ((have - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+        if not diffs[name] <= tol:  # NaN fails too
+            bad.append(f"{name} differs by {diffs[name]:.3g} of its largest value (> {tol:g})")
+    if bad:
+        raise RuntimeError(
+            f"model.attn_backend 'cudnn' failed its start-up check on {device} "
+            f"(cuDNN {torch.backends.cudnn.version()}, {dtype}, {n_heads} heads x {head_dim}, "
+            f"documents of {list(_CHECK_DOCS)} tokens) against each document alone through fp32 "
+            f"SDPA: {'; '.join(bad)}. Use model.attn_backend 'sdpa'."
+        )
+    return diffs
