@@ -360,3 +360,31 @@ def test_trainer_checks_the_cudnn_route_on_cuda_only(monkeypatch, backend, devic
 def test_trainer_refuses_gqa_on_the_cudnn_route_before_any_work():
     with pytest.raises(ValueError, match="no GQA path.*4 query heads but 2 key/value heads"):
         _bare_trainer("cudnn", "cpu", n_kv_heads=2)._check_attention_route()
+
+
+def test_trainer_refuses_the_cudnn_route_with_gqa_before_building_the_model(tmp_path):
+    """Wiring: a real Trainer (its own process: it starts a process group) on an architecture
+    with GQA stops in its set-up with the route's error, before the model exists."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import dataclasses, titan_llava.trainer as tr\n"
+        "from titan_llava.architecture import LLAVA_FLAVORS\n"
+        "from titan_llava.config import load_config\n"
+        "a = LLAVA_FLAVORS['debug']\n"
+        "LLAVA_FLAVORS['debug'] = dataclasses.replace(a, llm=dataclasses.replace(a.llm, n_kv_heads=2))\n"
+        "def built(*args, **kwargs):\n"
+        "    raise AssertionError('the model was built before the attention route was checked')\n"
+        "tr.LlavaNext = built\n"
+        "tr.Trainer(load_config(['--job.config_file', 'train_configs/debug_model.toml', "
+        f"'--job.dump_folder', {str(tmp_path)!r}, '--model.attn_backend', 'cudnn']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert p.returncode != 0
+    assert "ValueError: model.attn_backend 'cudnn' has no GQA path" in p.stderr, p.stderr[-3000:]
