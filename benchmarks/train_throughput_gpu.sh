@@ -51,7 +51,7 @@ run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared 
   timed "$1" "$2" $B "${@:3}" ${EXTRA:-} || return 0
   grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|ratio|full-depth|OPTIMIZER|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
     "$OUT/$name.log" | log
-  grep -E "start-up check" "$OUT/$name.log" | tail -n 1 | log  # attn_backend cudnn's check
+  grep -E "start-up check against fp32 SDPA passed" "$OUT/$name.log" | tail -n 1 | log  # attn_backend cudnn
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | log
 }
 
@@ -209,6 +209,8 @@ round7h200)  # one H200 (kind nvidia-h200): stage 2 at the FULL depth with the r
   # real depth with no estimate. Then the SGD stand-in without AC (~90 GiB by round 6's figures):
   # the per-GPU work of the 8-GPU config with no AC (there the sharded fp32 state is ~14 GB).
   # Same flags as round 6's s2_full_sgd_acfull otherwise; H200 figures are not compared with H100's.
+  # The limits add up to more than one call: BUDGET_S=520 runs the AdamW pair, then
+  # ONLY="s2_full_sgd_noac s2_full_sgd_acfull" on the warm machine.
   S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192"
   run s2_full_adamw_acfull 200 $S2F --ac full
   run s2_full_adamw_sacop 240 $S2F --ac selective

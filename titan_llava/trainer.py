@@ -232,10 +232,11 @@ class Trainer:
         )
 
     def _check_attention_route(self) -> None:
-        """attn_backend "cudnn", before any other work: refuse GQA, and on CUDA run cuDNN's ragged
-        kernel once at a small size against fp32 SDPA (its layouts differ across torch and cuDNN
-        releases), so that a mismatch stops the run with a clear error instead of training on
-        it."""
+        """attn_backend "cudnn", before the model and the data are built: refuse GQA, and on CUDA
+        run cuDNN's ragged kernel once at a small size against fp32 SDPA (its layouts differ
+        across torch and cuDNN releases), so that a mismatch stops the run with a clear error
+        instead of training on it. Each rank checks its own GPU on the same inputs, so ranks on
+        the same kind of GPU agree."""
         if self.cfg.model.attn_backend != "cudnn":
             return
         llm = self.model_args.llm

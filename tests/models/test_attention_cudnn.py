@@ -320,6 +320,15 @@ def test_startup_check_catches_a_wrong_route(monkeypatch, target, breakage, name
         assert f"{name} differs by" not in msg, msg
 
 
+def test_startup_check_reports_a_kernel_that_raises():
+    def op(*args):
+        raise NotImplementedError("no kernel for this GPU")
+
+    with pytest.raises(RuntimeError, match=r"failed its start-up check on cpu .*running it raised "
+                       r"NotImplementedError: no kernel for this GPU\. Use model.attn_backend 'sdpa'"):
+        cudnn_varlen.startup_check(torch.device("cpu"), torch.bfloat16, n_heads=2, head_dim=16, op=op)
+
+
 def test_startup_check_refuses_fp32_on_cuda_before_touching_the_device():
     with pytest.raises(ValueError, match="bf16/fp16 activations on CUDA"):
         cudnn_varlen.startup_check(torch.device("cuda"), torch.float32, n_heads=2, head_dim=16)
