@@ -178,7 +178,8 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   # rope_kernel.py's docstring), the model's opt-in "cudnn" attention route. Then the kernel
   # micro-benchmarks that explain them (attention_kernel.py also checks the cudnn route's parity
   # against fp32 SDPA; rope_kernel.py prints each variant's launch), coordinate-descent tuning,
-  # and the profile. Then the full-depth AC policies in one
+  # the cudnn route with autotuning off (what ships if both win), and the profile. Then the
+  # full-depth AC policies in one
   # call (SGD stand-in), stage 2 at 8 layers selective vs no AC in one call, foreach vs fused
   # AdamW (the step check then reads before the update), the tower as one FSDP unit.
   S1="--stage 1 --steps ${STEPS:-6}"
@@ -192,6 +193,7 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   MICRO_TAIL=20 micro attention_kernel 90 python benchmarks/attention_kernel.py
   MICRO_TAIL=80 micro rope_kernel 200 python benchmarks/rope_kernel.py
   run s1_repl_cdt 150 $S1 $P1 --inductor coordinate_descent_tuning=True
+  run s1_repl_cudnn_noautotune 100 $S1 $P1 --model.attn_backend cudnn --inductor triton.autotune_pointwise=False
   run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_full_sgd_sacop 220 $S2F --ac selective
   run s2_full_sgd_acfull 150 $S2F --ac full
