@@ -205,7 +205,7 @@ def test_phase_table_attributes_kernels_and_idle_to_the_launching_phase():
         (1, ["--no-trim-last-block", "--optimizer.implementation", "fused", "--sgd-standin",
              "--inductor", "triton.autotune_pointwise=False"]),
         (2, ["--llm-layers", "1", "--profile", "prof", "--optimizer.implementation", "fused",
-             "--no-defer-check", "--full-logits"]),
+             "--no-defer-check", "--full-logits", "--activation_checkpoint.components", "llm"]),
     ],
 )
 def test_benchmark_prints_every_figure(tmp_path, stage, extra):
@@ -279,6 +279,10 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     options = {"triton.autotune_pointwise": False} if stage == 1 else {}
     assert r["inductor_options"] == options
     assert ("compile False triton.autotune_pointwise=False," in proc.stdout) == (stage == 1)
+    # AC (full here) on the LLM's blocks only, in stage 2: reported with the policy.
+    assert r["ac"] == "full"
+    assert r["ac_components"] == (["llm"] if stage == 2 else ["llm", "vision"])
+    assert ("AC full (llm only)," in proc.stdout) == (stage == 2)
     # Stage 1 untrims the last block itself; stage 2 by computing logits on every position.
     assert not r["trim_last_block"]
     assert r["full_logits"] == (stage == 2)

@@ -128,6 +128,7 @@ def test_validate_batch_and_parallelism():
         (["--checkpoint.initial_load_in_hf"], "checkpoint.initial_load_in_hf"),
         (["--training.steps", "0"], "training.steps"),
         (["--compile.components", "llm,projector"], "compile.components"),
+        (["--activation_checkpoint.components", "llm,projector"], "activation_checkpoint.components"),
         (["--data.packing", "--data.packing_row_len", "2048"], "data.packing_row_len"),
         (["--data.packing", "--training.steps", "-1"], "data.packing = false"),
         (["--data.packing", "--data.group_by_modality_length"], "data.modality_megabatch"),

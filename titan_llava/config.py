@@ -193,6 +193,9 @@ class ActivationCheckpoint:
     selective_ac_option: str = "op"
     """Selective AC: "op" (save matmul/attention outputs, every other matmul) or an integer N
     (fully checkpoint every N-th block)."""
+    components: list[str] = field(default_factory=lambda: ["llm", "vision"])
+    """Which towers' blocks the mode applies to: "llm", "vision" (the other runs without AC; a
+    frozen vision tower never checkpoints, it runs without autograd)."""
 
 
 @dataclass

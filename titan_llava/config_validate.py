@@ -83,9 +83,13 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
                 "activation_checkpoint.selective_ac_option must be 'op' or a positive integer, "
                 f"got {ac.selective_ac_option!r}"
             )
-    bad = [c for c in cfg.compile.components if c not in ("llm", "vision")]
-    if bad:
-        raise ValueError(f"compile.components may hold 'llm' and 'vision', got {bad}")
+    for key, components in (
+        ("compile.components", cfg.compile.components),
+        ("activation_checkpoint.components", ac.components),
+    ):
+        bad = [c for c in components if c not in ("llm", "vision")]
+        if bad:
+            raise ValueError(f"{key} may hold 'llm' and 'vision', got {bad}")
     c = cfg.checkpoint
     for key, value, low in (
         ("data.max_seq_len", cfg.data.max_seq_len, 1),

@@ -182,3 +182,22 @@ def test_stage1_compile_with_full_ac_leaves_the_frozen_tower_unchecked():
     ref.float().pow(2).mean().backward()
     for (n, p), (_, q) in zip(model.projector.named_parameters(), eager.projector.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("components", [["llm"], ["vision"], ["llm", "vision"], []])
+def test_activation_checkpointing_applies_to_the_named_towers_only(components):
+    """Stage 2 (everything trains): activation_checkpoint.components picks the towers whose
+    blocks the mode wraps; the others run without AC. Values are unchanged either way."""
+    from titan_llava.distributed.parallelize import _CheckpointedBlock
+
+    args = copy.deepcopy(LLAVA_FLAVORS["debug"])
+    torch.manual_seed(0)
+    model = LlavaNext(args)
+    cfg = load_config(["--activation_checkpoint.mode", "full",
+                       "--activation_checkpoint.components", ",".join(components) or "[]",
+                       "--training.trainable", "projector,llm,vision"])  # fmt: skip
+    assert cfg.activation_checkpoint.components == components
+    parallelize_llava(model, None, cfg)
+    for name, tower in (("llm", model.language_model), ("vision", model.vision_tower)):
+        wrapped = [isinstance(b, _CheckpointedBlock) for b in tower.layers.values()]
+        assert wrapped == [name in components] * len(wrapped), (name, wrapped)

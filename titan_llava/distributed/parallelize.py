@@ -218,6 +218,8 @@ def parallelize_llava(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Modu
     ac = cfg.activation_checkpoint
     towers = {"llm": model.language_model.layers, "vision": model.vision_tower.layers}
     for name, blocks in towers.items():
+        if name not in ac.components:
+            continue
         # A frozen vision tower runs without autograd (nothing before it trains): checkpointing
         # would save nothing, and inductor refuses checkpoint regions in an inference graph.
         # The LLM always sits before the loss of whatever trains, so it keeps the policy.
