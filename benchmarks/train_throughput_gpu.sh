@@ -179,8 +179,8 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   # micro-benchmarks that explain them (attention_kernel.py also checks the cudnn route's parity
   # against fp32 SDPA; rope_kernel.py prints each variant's launch), coordinate-descent tuning,
   # the cudnn route with autotuning off (what ships if both win), and the profile. Then the
-  # full-depth AC policies in one
-  # call (SGD stand-in), stage 2 at 8 layers selective vs no AC in one call, foreach vs fused
+  # full-depth AC policies in one call (SGD stand-in; AC full also on the LLM's blocks alone,
+  # the tower without AC), stage 2 at 8 layers selective vs no AC in one call, foreach vs fused
   # AdamW (the step check then reads before the update), the tower as one FSDP unit.
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
@@ -197,6 +197,7 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_full_sgd_sacop 220 $S2F --ac selective
   run s2_full_sgd_acfull 150 $S2F --ac full
+  run s2_full_sgd_acfull_llmonly 150 $S2F --ac full --activation_checkpoint.components llm
   run s2_sacop 200 $S2 --ac selective
   run s2_noac 120 $S2 --ac none
   run s2_sacop_foreach 120 $S2 --ac selective --optimizer.implementation foreach
