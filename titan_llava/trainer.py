@@ -41,7 +41,7 @@ from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
 from titan_llava.metrics import MetricsLogger, StepWindow, device_memory_gib, step_counts
 from titan_llava.models.args import llava_args_to_dict
-from titan_llava.models.cudnn_varlen import startup_check
+from titan_llava.models.cudnn_varlen import check_route
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import build_lr_scheduler, build_optimizer, count_parameters
 from titan_llava.step_check import StepCheck, StepRecord
@@ -75,7 +75,13 @@ class Trainer:
                 f"model's vocabulary has {self.model_args.llm.vocab_size} rows"
             )
 
-        self._check_attention_route()
+        # Before the model and the data exist: a route that cannot work here stops the run now.
+        check_route(
+            cfg.model.attn_backend,
+            self.model_args.llm,
+            self.device,
+            getattr(torch, cfg.training.mixed_precision_param),
+        )
 
         # Meta model -> freeze/AC/compile/FSDP from outside -> real storage -> init -> weights.
         with torch.device("meta"):
@@ -229,29 +235,6 @@ class Trainer:
             vision_keepalive=keepalive,
             output_index=output_index,
             document_bounds=mb.document_bounds,  # varlen kernels' boundaries (host-built)
-        )
-
-    def _check_attention_route(self) -> None:
-        """attn_backend "cudnn", before the model and the data are built: refuse GQA, and on CUDA
-        run cuDNN's ragged kernel once at a small size against fp32 SDPA (its layouts differ
-        across torch and cuDNN releases), so that a mismatch stops the run with a clear error
-        instead of training on it. Each rank checks its own GPU on the same inputs, so ranks on
-        the same kind of GPU agree."""
-        if self.cfg.model.attn_backend != "cudnn":
-            return
-        llm = self.model_args.llm
-        if llm.kv_heads != llm.n_heads:
-            raise ValueError(
-                f"model.attn_backend 'cudnn' has no GQA path, and this LLM has {llm.n_heads} "
-                f"query heads but {llm.kv_heads} key/value heads: use 'sdpa'"
-            )
-        if self.device.type != "cuda":
-            return
-        dtype = getattr(torch, self.cfg.training.mixed_precision_param)
-        diffs = startup_check(self.device, dtype, llm.n_heads, llm.head_dim)
-        logger.info(
-            "attn_backend cudnn: start-up check against fp32 SDPA passed (largest difference / "
-            "largest value: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()) + ")"
         )
 
     def train_step(self, microbatches: list[Batch], record: StepRecord) -> StepRecord:

@@ -334,41 +334,26 @@ def test_startup_check_refuses_fp32_on_cuda_before_touching_the_device():
         cudnn_varlen.startup_check(torch.device("cuda"), torch.float32, n_heads=2, head_dim=16)
 
 
-def _bare_trainer(backend, device, n_kv_heads=None):
-    from types import SimpleNamespace
-
-    from titan_llava.trainer import Trainer
-
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = SimpleNamespace(
-        model=SimpleNamespace(attn_backend=backend),
-        training=SimpleNamespace(mixed_precision_param="bfloat16"),
-    )
-    trainer.model_args = SimpleNamespace(
-        llm=VicunaArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=32)
-    )
-    trainer.device = torch.device(device)
-    return trainer
+def _route_llm(n_kv_heads=None):
+    return VicunaArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=32)
 
 
 @pytest.mark.parametrize(
     "backend, device, runs", [("cudnn", "cuda", True), ("cudnn", "cpu", False), ("sdpa", "cuda", False)]
 )
-def test_trainer_checks_the_cudnn_route_on_cuda_only(monkeypatch, backend, device, runs):
-    import titan_llava.trainer as trainer_module
-
+def test_route_check_runs_the_cudnn_check_on_cuda_only(monkeypatch, backend, device, runs):
     calls = []
     monkeypatch.setattr(
-        trainer_module, "startup_check",
+        cudnn_varlen, "startup_check",
         lambda *args: calls.append(args) or dict.fromkeys(("out", "lse", "dq", "dk", "dv"), 0.0),
     )
-    _bare_trainer(backend, device)._check_attention_route()
+    cudnn_varlen.check_route(backend, _route_llm(), torch.device(device), torch.bfloat16)
     assert calls == ([(torch.device("cuda"), torch.bfloat16, 4, 64)] if runs else [])
 
 
-def test_trainer_refuses_gqa_on_the_cudnn_route_before_any_work():
+def test_route_check_refuses_gqa_on_the_cudnn_route():
     with pytest.raises(ValueError, match="no GQA path.*4 query heads but 2 key/value heads"):
-        _bare_trainer("cudnn", "cpu", n_kv_heads=2)._check_attention_route()
+        cudnn_varlen.check_route("cudnn", _route_llm(n_kv_heads=2), torch.device("cpu"), torch.bfloat16)
 
 
 def test_trainer_refuses_the_cudnn_route_with_gqa_before_building_the_model(tmp_path):

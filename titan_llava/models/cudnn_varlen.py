@@ -15,11 +15,14 @@ and records the layout, and the backward rebuilds it.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+logger = logging.getLogger("titan_llava")
 
 # How this process's cuDNN forward laid out its log-sum-exp: ("HT" | "TH" | "TH1", strides
 # transposed?), set by the first CUDA forward and read by the backward.
@@ -283,3 +286,25 @@ def startup_check(
             "Use model.attn_backend 'sdpa'."
         )
     return diffs
+
+
+def check_route(backend: str, llm, device: torch.device, dtype: torch.dtype) -> None:
+    """The trainer's check before it builds the model, for attn_backend "cudnn" (no-op for the
+    others): refuse GQA (`llm`: VicunaArgs), and on CUDA run `startup_check` (cuDNN's layouts
+    differ across torch and cuDNN releases) so that a mismatch stops the run with a clear error
+    instead of training on it. Each rank checks its own GPU on the same inputs, so ranks on the
+    same kind of GPU agree."""
+    if backend != "cudnn":
+        return
+    if llm.kv_heads != llm.n_heads:
+        raise ValueError(
+            f"model.attn_backend 'cudnn' has no GQA path, and this LLM has {llm.n_heads} "
+            f"query heads but {llm.kv_heads} key/value heads: use 'sdpa'"
+        )
+    if device.type != "cuda":
+        return
+    diffs = startup_check(device, dtype, llm.n_heads, llm.head_dim)
+    logger.info(
+        "attn_backend cudnn: start-up check against fp32 SDPA passed (largest difference / "
+        "largest value: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()) + ")"
+    )
