@@ -22,6 +22,13 @@ fi
 
 export PYTHONUNBUFFERED=1
 export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+# The CUDA caching allocator grows segments in place instead of freeing its cache and retrying
+# when memory is near full or fragmented (a cudaFree stalls the device: round 7's stage-1 trace,
+# benchmarks/README.md). Set PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF (even to "", the
+# allocator's defaults) to choose otherwise.
+if [ -z "${PYTORCH_ALLOC_CONF+set}" ] && [ -z "${PYTORCH_CUDA_ALLOC_CONF+set}" ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+fi
 # torchrun reports any worker failure as 1; the workers write the trainer's own status here.
 status_file=$(mktemp)
 trap 'rm -f "$status_file" "$status_file".*' EXIT

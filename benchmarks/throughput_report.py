@@ -67,6 +67,12 @@ def report(r: dict) -> str:
     mem = r["peak_memory_gib"]
     lines.append("peak memory: " + (f"{mem:.2f} GiB" if mem is not None else "n/a (CPU)"))
     lines.append(
+        "allocator: "
+        + (f"{r['alloc_retries']} retries (cache freed, device stalled) in the measured steps"
+           if r["alloc_retries"] is not None else "n/a (CPU)")
+        + f"; {r['alloc_conf'] or 'settings not set'}"
+    )
+    lines.append(
         f"ratio to reference: {r['ratio_to_reference']:.2f}x "
         f"(reference {r['reference_samples_per_s']} samples/s/GPU on H100)"
     )

@@ -18,8 +18,13 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, replace
 
-import torch
-import torch._inductor.config
+# The allocator settings run_train.sh exports (this is its code path); set either variable, even
+# to "" (the allocator's defaults), to measure others. Read at the first CUDA allocation.
+if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runnable as a plain script from a checkout without `pip install -e .`.
@@ -35,9 +40,11 @@ from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum
+from titan_llava.metrics import alloc_conf
 from titan_llava.metrics import step_counts as step_counts_of
 from titan_llava.models import attention
 from titan_llava.models.args import LLAVA_FLAVORS
+from titan_llava.step_check import is_sync_warning
 from titan_llava.trainer import Trainer
 
 # The reference recipe on 8x H100 80G (REFERENCE.md): 558K samples in ~4 h, 665K in ~11.5 h.
@@ -253,6 +260,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             if cuda:
                 torch.cuda.synchronize()  # between steps: the window starts on an idle device
             marks.active, clock["start"] = True, time.perf_counter()
+            if cuda:
+                clock["retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
             if cuda and a.sync_debug:
                 torch.cuda.set_sync_debug_mode("warn")
             if profiler is not None:
@@ -298,7 +307,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             if sync_debug:
                 warnings.simplefilter("always")
                 warnings.showwarning = lambda message, *rest, **kw: (
-                    sites.update([_sync_site()]) if "synchroniz" in str(message) else None
+                    sites.update([_sync_site()]) if is_sync_warning(message) else None
                 )
             trainer.train()
         if cuda:
@@ -310,6 +319,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             raise SystemExit(f"error: only {len(counts)} of the {a.steps} measured steps ran "
                              f"(SIGTERM / time limit during warm-up or compile?); no figures")
         elapsed = time.perf_counter() - clock["start"]
+        retries = (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - clock["retries"]
+                   if cuda else None)
         if profiler is not None:
             kernels = profiler.stop(a.steps, elapsed)
         if sync_debug:
@@ -375,6 +386,10 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "peak_flops": peak,
         "breakdown_ms": {k: bd.get(k, 0.0) for k in BUCKETS},
         "peak_memory_gib": records[-1]["memory_gib"] if records else None,
+        # The caching allocator: its settings, and the allocations it served only after freeing
+        # its cache (each a device-wide stall) in the measured steps.
+        "alloc_conf": alloc_conf(),
+        "alloc_retries": retries,
         "reference_samples_per_s": ref,
         "ratio_to_reference": sps / ref,
         "full_depth_estimate_samples_per_s": (

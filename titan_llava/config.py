@@ -38,12 +38,10 @@ class Model:
     config.json files via checkpoint.initial_load_in_hf)."""
     tokenizer_path: str = "tests/assets/tokenizer/tokenizer.model"
     """SentencePiece tokenizer.model (Vicuna's for the real recipe)."""
-    attn_backend: Literal["sdpa", "flex", "flash", "cudnn"] = "sdpa"
+    attn_backend: Literal["sdpa", "flex", "flash"] = "sdpa"
     """LLM attention kernel: "sdpa" (torch SDPA; packed rows run on torch's flash varlen kernel on
     CUDA in bf16/fp16, on a dense document mask elsewhere), "flex" (FlexAttention; compile the
-    blocks), "flash" (flash-attn varlen, an optional dependency), or "cudnn" (packed rows on
-    cuDNN's ragged attention on CUDA; not yet measured on a GPU, see benchmarks/README.md; on
-    CPU an exact per-document reference, slow; no GQA)."""
+    blocks), or "flash" (flash-attn varlen, an optional dependency)."""
     image_aspect_ratio: Literal["anyres", "pad", "resize"] = "anyres"
     """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize)."""
     grid_pinpoints: list[tuple[int, int]] = field(

@@ -20,15 +20,50 @@ from titan_llava.models.args import LlavaNextArgs
 logger = logging.getLogger(__name__)
 
 
-def device_memory_gib(device: torch.device | str) -> float | None:
-    """Peak allocated memory since the last reset, GiB (CUDA only; None elsewhere). Resets the peak
-    so each logged value covers one log interval."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
+def alloc_conf() -> str | None:
+    """The CUDA caching allocator's settings from the environment (None: not set)."""
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        if name in os.environ:
+            return f"{name}={os.environ[name]!r}"
+    return None
+
+
+class DeviceMemory:
+    """The CUDA caching allocator, per log interval: peak allocated memory (GiB) and how many
+    allocations it could only serve after freeing its cache and retrying. A retry releases cached
+    blocks with cudaFree, which waits for the whole device: a stall the step cannot hide (round 7's
+    stage-1 trace, benchmarks/README.md). Retries mean memory is near full or fragmented.
+    `interval()` returns (None, None) off CUDA."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._retries = self._total_retries()
+        self.warned = False
+
+    def _total_retries(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
+
+    def interval(self) -> tuple[float | None, int | None]:
+        """(peak GiB, retries) since the last call (or construction); resets the peak."""
+        if self.device.type != "cuda":
+            return None, None
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        total = self._total_retries()
+        retries, self._retries = total - self._retries, total
+        if retries and not self.warned:
+            self.warned = True
+            logger.warning(
+                "the CUDA caching allocator freed its cache and retried %d allocation(s) since the "
+                "last log (each retry stalls the device; peak %.1f GiB): memory is near full or "
+                "fragmented (%s). 'expandable_segments:True' (run_train.sh's "
+                "default) avoids most of them, less memory per step (activation checkpointing, "
+                "shorter rows) the rest. Warned once; the metrics keep counting (alloc_retries).",
+                retries, peak, alloc_conf() or "allocator settings not set",
+            )
+        return peak, retries
 
 
 def format_duration(seconds: float | None) -> str:
@@ -154,6 +189,7 @@ class MetricsLogger:
         data_wait_s: float,
         skipped: dict[str, int] | None = None,
         memory_gib: float | None = None,
+        alloc_retries: int | None = None,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Build the record, write it (rank 0) and return it. `tokens` counts real (non-padding)
@@ -176,6 +212,7 @@ class MetricsLogger:
             "tflops_per_device": flops / dt / self.world_size / 1e12,
             "mfu": mfu,
             "memory_gib": memory_gib,
+            "alloc_retries": alloc_retries,
             "data_wait_s": data_wait_s,
             "step_time_s": step_s,
             "skipped": dict(skipped or {}),
@@ -212,6 +249,8 @@ class MetricsLogger:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")
         if r["memory_gib"] is not None:
             parts.append(f"mem {r['memory_gib']:.1f} GiB")
+        if r.get("alloc_retries"):
+            parts.append(f"alloc retries {r['alloc_retries']}")
         parts.append(f"data {r['data_wait_s']:.2f}s")
         n_skipped = sum(r["skipped"].values())
         if n_skipped:

@@ -16,6 +16,17 @@ from dataclasses import dataclass, field
 import torch
 
 
+# The warning torch raises, in `torch.cuda.set_sync_debug_mode("warn")`, for an operation that
+# synchronises with the device. Turning the mode on also warns once that it "does not yet detect
+# all synchronizing operations": not a sync, so counters match this text, not "synchroniz".
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def is_sync_warning(message: object) -> bool:
+    """Whether a warning (sync-debug mode "warn") reports a host-device sync."""
+    return SYNC_WARNING in str(message)
+
+
 class NonFiniteError(RuntimeError):
     """The loss or the gradient norm of a step is NaN/inf; raised on every rank, with that step's
     update not applied (parameters and AdamW state as after the step before). Terminal: with the

@@ -39,9 +39,8 @@ from titan_llava.distributed.utils import (
 )
 from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
-from titan_llava.metrics import MetricsLogger, StepWindow, device_memory_gib, step_counts
+from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, alloc_conf, step_counts
 from titan_llava.models.args import llava_args_to_dict
-from titan_llava.models.cudnn_varlen import check_route
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import build_lr_scheduler, build_optimizer, count_parameters
 from titan_llava.step_check import StepCheck, StepRecord
@@ -74,14 +73,6 @@ class Trainer:
                 f"model.tokenizer_path: the tokenizer has {self.tokenizer.vocab_size} pieces but the "
                 f"model's vocabulary has {self.model_args.llm.vocab_size} rows"
             )
-
-        # Before the model and the data exist: a route that cannot work here stops the run now.
-        check_route(
-            cfg.model.attn_backend,
-            self.model_args.llm,
-            self.device,
-            getattr(torch, cfg.training.mixed_precision_param),
-        )
 
         # Meta model -> freeze/AC/compile/FSDP from outside -> real storage -> init -> weights.
         with torch.device("meta"):
@@ -132,6 +123,9 @@ class Trainer:
         # during the next step (no host sync per step), otherwise before the update.
         self.step_check = StepCheck(self.optimizer)
         self.window = StepWindow()
+        self.device_memory = DeviceMemory(self.device)
+        if self.device.type == "cuda":
+            logger.info("CUDA caching allocator: %s", alloc_conf() or "default settings")
         self.metrics = MetricsLogger(
             cfg.job.dump_folder,
             self.total_steps,
@@ -311,7 +305,9 @@ class Trainer:
         w = self.window
         w.add(record.counts, record.data_wait_s)
         if record.step % self.cfg.metrics.log_freq == 0 or record.step == self.total_steps:
-            totals = all_reduce_scalars(w.sums, self.device, op="sum")
+            memory_gib, retries = self.device_memory.interval()
+            sums = dict(w.sums) if retries is None else {**w.sums, "alloc_retries": retries}
+            totals = all_reduce_scalars(sums, self.device, op="sum")
             self.metrics.log(
                 record.step,
                 loss=loss,
@@ -326,7 +322,8 @@ class Trainer:
                 flops=totals["flops"],
                 data_wait_s=totals["data_wait_s"] / self.world_size,
                 skipped=all_reduce_counts(self.data_loader.skip_counts()),
-                memory_gib=device_memory_gib(self.device),
+                memory_gib=memory_gib,  # this rank's peak
+                alloc_retries=None if retries is None else int(totals["alloc_retries"]),  # all ranks
             )
             w.reset()
 

@@ -20,7 +20,7 @@ import torch
 
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
-from titan_llava.step_check import NonFiniteError
+from titan_llava.step_check import NonFiniteError, is_sync_warning
 from titan_llava.trainer import Trainer
 
 
@@ -82,7 +82,7 @@ def main() -> None:
         syncs[record.step] = 0
 
         def on_warning(message, *_args, **_kw):
-            if "synchroniz" not in str(message):
+            if not is_sync_warning(message):
                 return
             syncs[record.step] += 1
             sites[f"{record.step}: {_sync_site()}"] += 1

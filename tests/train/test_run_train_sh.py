@@ -68,3 +68,32 @@ def test_a_worker_dying_after_the_run_completed_exits_0(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "the run completed on every rank, but a worker failed while exiting" in out, out[-3000:]
     assert len(open(os.path.join(dump, "metrics.jsonl")).readlines()) >= 1
+
+
+def _env_seen_by_torchrun(tmp_path, env: dict) -> dict:
+    """The environment run_train.sh hands torchrun (a stand-in on PATH that records it)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(parents=True)
+    record = tmp_path / "env.json"
+    fake = bindir / "torchrun"
+    fake.write_text("#!/usr/bin/env python3\nimport json, os\n"
+                    f"json.dump(dict(os.environ), open({str(record)!r}, 'w'))\n")
+    fake.chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    full_env.update(env, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["./run_train.sh"], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(record.read_text())
+
+
+def test_allocator_defaults_to_expandable_segments_unless_set(tmp_path):
+    seen = _env_seen_by_torchrun(tmp_path / "a", {})
+    assert seen["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    # Set, even to "" (the allocator's own defaults), or under the newer name: left alone.
+    seen = _env_seen_by_torchrun(tmp_path / "b", {"PYTORCH_CUDA_ALLOC_CONF": ""})
+    assert seen["PYTORCH_CUDA_ALLOC_CONF"] == ""
+    seen = _env_seen_by_torchrun(tmp_path / "c", {"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"})
+    assert seen["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:512"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in seen

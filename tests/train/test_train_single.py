@@ -19,7 +19,8 @@ from tests.train.utils import (
     run_train,
 )
 
-REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "memory_gib"}
+REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "memory_gib",
+                 "alloc_retries"}
 
 
 def test_debug_config_end_to_end(tmp_path):

@@ -23,7 +23,6 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from titan_llava.models import cudnn_varlen  # noqa: F401 - registers titan_llava::varlen_causal
 from titan_llava.optim import set_trainable
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -38,7 +37,6 @@ _SAC_SAVE = {
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._flash_attention_forward.default,
-    torch.ops.titan_llava.varlen_causal.default,  # attn_backend "cudnn"
 }
 try:  # torch's varlen kernel (sdpa's packed rows on CUDA) is a custom op: SAC sees it, not its aten op
     import torch.nn.attention.varlen  # registers the op

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS
 
-ATTN_BACKENDS = ("sdpa", "flex", "flash", "cudnn")
+ATTN_BACKENDS = ("sdpa", "flex", "flash")
 IMAGE_ASPECT_RATIOS = ("anyres", "pad", "resize")
 VISION_ACTS = ("quick_gelu", "gelu")
 

@@ -1,8 +1,7 @@
-"""Causal self-attention for Vicuna with four backends (SDPA, FlexAttention, flash-attn varlen,
-cuDNN's ragged kernel), all honouring packed rows: with `document_ids`, a token attends causally
-and only within its document. The mask is built once per forward (`build_attention_mask`) and
-shared by every block. On CUDA in bf16/fp16, sdpa's packed rows run on torch's flash varlen
-kernel instead of a dense boolean mask.
+"""Causal self-attention for Vicuna with three backends (SDPA, FlexAttention, flash-attn varlen), all
+honouring packed rows: with `document_ids`, a token attends causally and only within its document.
+The mask is built once per forward (`build_attention_mask`) and shared by every block. On CUDA in
+bf16/fp16, sdpa's packed rows run on torch's flash varlen kernel instead of a dense boolean mask.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from titan_llava.models.cudnn_varlen import varlen_causal
 
 try:
     from torch.nn.attention.flex_attention import (
@@ -126,15 +123,12 @@ def build_attention_mask(
             return (q_idx >= kv_idx) & (doc_BS[b, q_idx] == doc_BS[b, kv_idx])
 
         return create_block_mask(doc_mask_mod, batch, None, seq_len, seq_len, device=device)
-    if backend in ("flash", "cudnn"):
-        if backend == "flash":
-            _flash_attn()
+    if backend == "flash":
+        _flash_attn()
         if document_ids_BS is None:
             return None
         return document_bounds or varlen_info(document_ids_BS, seq_len)
-    raise ValueError(
-        f"unknown attn_backend {backend!r} (expected 'sdpa', 'flex', 'flash' or 'cudnn')"
-    )
+    raise ValueError(f"unknown attn_backend {backend!r} (expected 'sdpa', 'flex' or 'flash')")
 
 
 def _torch_varlen_causal(
@@ -186,17 +180,6 @@ def causal_attention(
         assert isinstance(mask, BlockMask), "flex attention needs a BlockMask from build_attention_mask"
         q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa).transpose(1, 2)
-    if backend == "cudnn":
-        if not isinstance(mask, VarlenInfo):  # one document per row: plain causal SDPA
-            return causal_attention(q_BSHD, k_BSHD, v_BSHD, mask, "sdpa", gqa)
-        if gqa:
-            raise ValueError("attn_backend 'cudnn' has no GQA path; use 'sdpa'")
-        b, s = q_BSHD.shape[:2]
-        out, _ = varlen_causal(
-            q_BSHD.flatten(0, 1), k_BSHD.flatten(0, 1), v_BSHD.flatten(0, 1),
-            mask.cu_seqlens, mask.max_seqlen,
-        )
-        return out.unflatten(0, (b, s))
     if backend == "flash":
         fa = _flash_attn()
         if mask is None:
@@ -214,6 +197,4 @@ def causal_attention(
             causal=True,
         )
         return out.unflatten(0, (b, s))
-    raise ValueError(
-        f"unknown attn_backend {backend!r} (expected 'sdpa', 'flex', 'flash' or 'cudnn')"
-    )
+    raise ValueError(f"unknown attn_backend {backend!r} (expected 'sdpa', 'flex' or 'flash')")

@@ -141,11 +141,6 @@ class Vicuna(nn.Module):
         super().__init__()
         if attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
-        if attn_backend == "cudnn" and args.kv_heads != args.n_heads:
-            raise ValueError(
-                f"attn_backend 'cudnn' has no GQA path (n_kv_heads {args.kv_heads} < n_heads "
-                f"{args.n_heads}); use 'sdpa'"
-            )
         self.args = args
         self.attn_backend = attn_backend
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
