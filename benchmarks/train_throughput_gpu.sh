@@ -18,6 +18,8 @@
 # tower as one FSDP unit, the sync count.
 # PLAN=round7: what round 6 left (see the plan's comment).
 # PLAN=round7h200: stage 2 at the full depth with the real AdamW on one H200 (see the plan's comment).
+# PLAN=round8: the allocator's expandable segments against its defaults, stage 2's profile at the
+# full depth, and what round 7 left (see the plan's comment).
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -46,9 +48,10 @@ timed() {  # name limit_s command...: run it under a time limit (skipped if BUDG
   echo "rc $? after ${SECONDS}s" | log
 }
 
-run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared flags; its figures go to the summary
+run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared flags; its figures go
+  # to the summary. RUN_ENV="VAR=value ..." in front of a call sets environment for that run alone.
   local name=$1
-  timed "$1" "$2" $B "${@:3}" ${EXTRA:-} || return 0
+  timed "$1" "$2" env ${RUN_ENV:-} $B "${@:3}" ${EXTRA:-} || return 0
   grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|allocator|ratio|full-depth|OPTIMIZER|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
     "$OUT/$name.log" | log
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | log
@@ -201,6 +204,27 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   run s2_noac 120 $S2 --ac none
   run s2_sacop_foreach 120 $S2 --ac selective --optimizer.implementation foreach
   run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower
+  ;;
+round8)  # after round 7. Stage 1's shipped config with the allocator's defaults, then with
+  # expandable segments (now run_train.sh's and the benchmark's default; round 7's trace had a
+  # 26.5 ms cudaFree stall at the step's peak), then its profile (is the stall gone?). Stage 2 at
+  # the full depth with selective AC again (its allocator retries), then its kernel profile: the
+  # LLM blocks are FSDP units there, and whether their RoPE gets round 6's slow split launch is
+  # open. Then what round 7 left: the tower as one FSDP unit, with selective AC at 8 layers run
+  # twice around it (the vision bucket's spread was 78 ms in round 7), AC full on the LLM only.
+  S1="--stage 1 --steps ${STEPS:-6}"
+  S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
+  P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
+  S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
+  RUN_ENV="PYTORCH_CUDA_ALLOC_CONF=" run s1_alloc_default 100 $S1 $P1
+  run s1_repl 100 $S1 $P1
+  run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
+  run s2_full_sgd_sacop 230 $S2F --ac selective
+  run s2_full_sgd_sacop_prof 150 --stage 2 --grad-accum 1 --steps 2 --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin --ac selective --profile "$OUT/prof_s2f"
+  run s2_sacop 200 $S2 --ac selective
+  run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower
+  run s2_sacop_again 120 $S2 --ac selective
+  run s2_full_sgd_acfull_llmonly 150 $S2F --ac full --activation_checkpoint.components llm
   ;;
 probe)  # only the deferred-step-check probe (seconds)
   defer_probe 60
