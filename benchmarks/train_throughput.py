@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernel_profile import StepProfiler, install_phase_markers, phase_marker
-from throughput_report import depth_scaled_rate, report
+from throughput_report import NewShapes, depth_scaled_rate, report
 from step_marks import StepMarks, install_probes
 from synthetic_data import TOKENIZER_PATH, write_dataset
 
@@ -243,6 +243,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
     counts: list[dict[str, float]] = []
     waits: list[float] = []
     full_flops: list[float] = []
+    shapes = NewShapes()  # the vision tower's batch: a micro-batch's tiles
     clock: dict[str, float] = {}
     records: list[dict] = []
     profiler = StepProfiler(a.profile, cuda) if a.profile else None
@@ -282,6 +283,8 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
 
     def step_counts(mbs):
         c = orig_counts(mbs)
+        for mb in mbs:
+            shapes.add(0 if mb.pixel_values is None else mb.pixel_values.shape[0], marks.active)
         if marks.active:
             counts.append({**c, "row_slots": sum(mb.input_ids.numel() for mb in mbs)})
             # The same batches' model FLOPs at the flavor's full LLM depth.
@@ -390,6 +393,10 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         # its cache (each a device-wide stall) in the measured steps.
         "alloc_conf": alloc_conf(),
         "alloc_retries": retries,
+        # Measured micro-batches with images, and how many had a tile count (the tower's batch)
+        # that no earlier step had.
+        "vision_micro_batches": shapes.measured,
+        "vision_new_tile_counts": shapes.new,
         "reference_samples_per_s": ref,
         "ratio_to_reference": sps / ref,
         "full_depth_estimate_samples_per_s": (

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from kernel_profile import category, format_phases, phase_table, summarise, union_length
 from step_marks import StepMarks
 from synthetic_data import write_dataset
+from throughput_report import NewShapes
 
 from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS, num_image_tokens
 
@@ -32,6 +33,7 @@ FIGURES = [
     "optimizer",
     "peak memory:",
     "allocator:",
+    "vision batches:",
     "ratio to reference:",
     "shipped tiny tokenizer",
 ]
@@ -59,6 +61,15 @@ def test_synthetic_data_follows_the_mix(tmp_path, stage):
     else:
         assert 8 <= stats.text_only <= 30  # ~6% of 300
         assert 200 <= stats.mean_text_tokens <= 330
+
+
+def test_new_vision_shapes_are_counted_in_the_measured_steps_only():
+    shapes = NewShapes()
+    for tiles in (33, 0, 29):  # warm-up: seen, not counted (0: a text-only micro-batch)
+        shapes.add(tiles, measured=False)
+    for tiles in (33, 40, 0, 40, 29, 12):
+        shapes.add(tiles, measured=True)
+    assert (shapes.measured, shapes.new) == (5, 2)  # 40 and 12; the text-only one not counted
 
 
 def test_breakdown_charges_segments():
@@ -240,6 +251,9 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     # run_train.sh's allocator settings (none set here); no allocator figures off CUDA.
     assert r["alloc_conf"] == "PYTORCH_CUDA_ALLOC_CONF='expandable_segments:True'"
     assert r["alloc_retries"] is None
+    # Micro-batches with images among the measured ones, and those whose tile count is new.
+    assert 0 <= r["vision_new_tile_counts"] <= r["vision_micro_batches"]
+    assert r["vision_micro_batches"] >= (2 if stage == 1 else 1)
     elapsed = r["step_time_s"] * 2
     assert r["tokens_per_s"] == pytest.approx(r["text_tokens_per_s"] + r["image_tokens_per_s"])
     assert r["samples_per_s"] * elapsed == pytest.approx(round(r["samples_per_s"] * elapsed))
