@@ -42,6 +42,11 @@ class Model:
     """LLM attention kernel: "sdpa" (torch SDPA; packed rows run on torch's flash varlen kernel on
     CUDA in bf16/fp16, on a dense document mask elsewhere), "flex" (FlexAttention; compile the
     blocks), or "flash" (flash-attn varlen, an optional dependency)."""
+    flash_attention_impl: Literal["", "FA3", "FA4"] = ""
+    """With attn_backend "sdpa" on CUDA: the flash-attention implementation torch's kernels
+    route to (torch >= 2.11's `activate_flash_attention_impl`; the package must be installed:
+    FA3 = flash-attention's Hopper build, FA4 = its CuTe DSL). "" = torch's own (FA2-class). The
+    trainer checks it once against fp32 SDPA before building the model. Not yet measured here."""
     image_aspect_ratio: Literal["anyres", "pad", "resize"] = "anyres"
     """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize)."""
     grid_pinpoints: list[tuple[int, int]] = field(

@@ -40,6 +40,7 @@ from titan_llava.distributed.utils import (
 from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
 from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, alloc_conf, step_counts
+from titan_llava.models import flash_impl
 from titan_llava.models.args import llava_args_to_dict
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import build_lr_scheduler, build_optimizer, count_parameters
@@ -73,6 +74,12 @@ class Trainer:
                 f"model.tokenizer_path: the tokenizer has {self.tokenizer.vocab_size} pieces but the "
                 f"model's vocabulary has {self.model_args.llm.vocab_size} rows"
             )
+
+        # An opt-in flash implementation is activated and checked before any model or data exists.
+        flash_impl.activate(
+            cfg.model.flash_attention_impl, cfg.model.attn_backend, self.model_args.llm,
+            self.device, getattr(torch, cfg.training.mixed_precision_param),
+        )
 
         # Meta model -> freeze/AC/compile/FSDP from outside -> real storage -> init -> weights.
         with torch.device("meta"):
