@@ -19,6 +19,10 @@ torch 2.11 / cuDNN 9.19 (H100) the ragged backward's gradients were wrong by 1e1
 the forward 50-70x slower than flash. This script stays so that a newer torch / cuDNN can be
 re-checked: it still prints the parity against the fp32 reference and the timings.
 
+`--flash-impl FA3` (or FA4) adds the same route after torch's
+`activate_flash_attention_impl`, which `model.flash_attention_impl` uses: the row that says
+whether flash-attention 3/4 pays here, with the same parity check.
+
 Default: one 16384-token row of stage-1-like documents (7 x ~2200 + a short one). On CPU
 (no CUDA) it checks the reference against the dense-mask SDPA the model uses there, at a few
 hundred tokens, and says the GPU kernels were skipped.
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--flash-impl", default="",
+                   help="also time torch's flash route after activating this implementation "
+                   "(torch >= 2.11's registry: FA3, FA4; its package must be installed), as "
+                   "model.flash_attention_impl does")
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -143,12 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     halves = [tokens // 2, tokens - tokens // 2]
     small = [tokens // 16] * 15 + [tokens - 15 * (tokens // 16)]
     layouts = [layout(doc_lens, device), layout(halves, device), layout(small, device)]
+    if cuda and a.flash_impl:
+        # Last: activating an implementation reroutes torch's flash ops for the whole process.
+        kernels[f"flash varlen ({a.flash_impl})"] = kernels["flash varlen (the model's route)"]
     ok = True
     for name, fn in kernels.items():
         if name.startswith("flash") and not torch_varlen_usable(device, dtype):
             print(f"{name:34s} skipped: this torch has no varlen attention")
             continue
         try:
+            if name == f"flash varlen ({a.flash_impl})":
+                from torch.nn.attention import activate_flash_attention_impl
+
+                activate_flash_attention_impl(a.flash_impl)
             out = fn(layouts[0])
             grads = torch.autograd.grad(out, (q, k, v), grad_out)
         except Exception as e:  # noqa: BLE001 - report the kernel's refusal and go on
