@@ -39,6 +39,8 @@ class DeviceMemory:
         self.device = torch.device(device)
         self._retries = self._total_retries()
         self.warned = False
+        if self.device.type == "cuda":
+            logger.info("CUDA caching allocator: %s", alloc_conf() or "default settings")
 
     def _total_retries(self) -> int | None:
         if self.device.type != "cuda":
@@ -59,8 +61,8 @@ class DeviceMemory:
                 "the CUDA caching allocator freed its cache and retried %d allocation(s) since the "
                 "last log (each retry stalls the device; peak %.1f GiB): memory is near full or "
                 "fragmented (%s). 'expandable_segments:True' (run_train.sh's "
-                "default) avoids most of them, less memory per step (activation checkpointing, "
-                "shorter rows) the rest. Warned once; the metrics keep counting (alloc_retries).",
+                "default) is meant to avoid those fragmentation causes; less memory per step "
+                "(activation checkpointing, shorter rows) the others. Warned once; the metrics keep counting (alloc_retries).",
                 retries, peak, alloc_conf() or "allocator settings not set",
             )
         return peak, retries

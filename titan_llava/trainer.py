@@ -39,7 +39,7 @@ from titan_llava.distributed.utils import (
 )
 from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
-from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, alloc_conf, step_counts
+from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, step_counts
 from titan_llava.models import flash_impl
 from titan_llava.models.args import llava_args_to_dict
 from titan_llava.models.llava import LlavaNext
@@ -130,9 +130,7 @@ class Trainer:
         # during the next step (no host sync per step), otherwise before the update.
         self.step_check = StepCheck(self.optimizer)
         self.window = StepWindow()
-        self.device_memory = DeviceMemory(self.device)
-        if self.device.type == "cuda":
-            logger.info("CUDA caching allocator: %s", alloc_conf() or "default settings")
+        self.device_memory = DeviceMemory(self.device)  # logs the allocator settings (CUDA)
         self.metrics = MetricsLogger(
             cfg.job.dump_folder,
             self.total_steps,
