@@ -5,8 +5,11 @@
 `_flash_attention_backward` on CUDA to that implementation. Those two ops are what torch's varlen
 kernel, the sdpa backend's route for packed rows, calls, so the model is unchanged. The kernels
 come from a package torch does not ship: FA3 from flash-attention's Hopper build (module
-`flash_attn_interface`, ops `torch.ops.flash_attn_3`), FA4 from `flash_attn.cute` (CuTe DSL). The
-PyPI names `flash-attn-interface` and `flash-attn-cute` are empty placeholders, not these.
+`flash_attn_interface`, ops `torch.ops.flash_attn_3`, no wheel on PyPI), FA4 from PyPI's
+`flash-attn-4` (pre-releases; module `flash_attn.cute`, CuTe DSL kernels compiled at first use,
+with `nvidia-cutlass-dsl`). The PyPI names `flash-attn-interface` and `flash-attn-cute` are empty
+placeholders, not these. FA4 is handed to torch through `fa4_compat`, which keeps the return
+values torch's glue unpacks across flash-attn-4 releases.
 
 torch marks this registry a prototype, and its kernels have not run in this project (no GPU
 session had the packages; benchmarks/README.md, session 9). So the trainer first checks the route
@@ -17,6 +20,8 @@ before building the model if it is off.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import logging
 
@@ -34,6 +39,8 @@ CHECK_DOCS = (17, 64, 300)
 # (session 8's emulation); the faults the check is for (a wrong mask, a dropped tile, wrong
 # gradients) are off by 0.12 or more.
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 3e-2}
+# The module torch's FA4 glue is pointed at (see fa4_compat).
+FA4_MODULE = "titan_llava.models.fa4_compat"
 
 
 def available_impls() -> list[str]:
@@ -43,6 +50,22 @@ def available_impls() -> list[str]:
     except ImportError:
         return []
     return list(list_flash_attention_impls())
+
+
+def route_fa4_through_compat() -> bool:
+    """Point torch's "FA4" entry at `fa4_compat` instead of `flash_attn.cute.interface` (same
+    kernels; the return values torch unpacks). False where this torch's FA4 glue takes no module
+    path: then torch imports flash-attn-4 itself."""
+    try:
+        from torch.nn.attention import _fa4, register_flash_attention_impl
+    except ImportError:
+        return False
+    register = getattr(_fa4, "register_flash_attention_fa4", None)
+    if register is None or "module_path" not in inspect.signature(register).parameters:
+        return False
+    register_flash_attention_impl(
+        "FA4", register_fn=functools.partial(register, module_path=FA4_MODULE))
+    return True
 
 
 def startup_check(device: torch.device, dtype: torch.dtype, n_heads: int, head_dim: int,
@@ -118,13 +141,17 @@ def activate(impl: str, attn_backend: str, llm, device: torch.device, dtype: tor
         raise ValueError(f"{key}: this torch ({torch.__version__}) offers {names or 'none'}")
     from torch.nn.attention import activate_flash_attention_impl
 
+    if impl == "FA4":
+        route_fa4_through_compat()
     try:
         activate_flash_attention_impl(impl)
     except Exception as e:
         raise RuntimeError(
             f"{key}: torch could not activate it ({type(e).__name__}: {e}). FA3 needs "
-            "flash-attention's Hopper build installed (module flash_attn_interface), FA4 its "
-            "flash_attn.cute package; or leave the key empty for torch's own flash kernel."
+            "flash-attention's Hopper build installed (module flash_attn_interface), FA4 the "
+            "flash-attn-4 package (pip install --pre flash-attn-4, with nvidia-cutlass-dsl's "
+            "libraries for this CUDA: nvidia-cutlass-dsl[cu13] on CUDA 13); or leave the key "
+            "empty for torch's own flash kernel."
         ) from e
     diffs = check(device, dtype, llm.n_heads, llm.head_dim, label=key)
     logger.info("%s active; start-up check against fp32 SDPA passed (max relative differences: "
