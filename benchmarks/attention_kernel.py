@@ -20,8 +20,9 @@ the forward 50-70x slower than flash. This script stays so that a newer torch / 
 re-checked: it still prints the parity against the fp32 reference and the timings.
 
 `--flash-impl FA3` (or FA4) adds the same route after torch's
-`activate_flash_attention_impl`, which `model.flash_attention_impl` uses: the row that says
-whether flash-attention 3/4 pays here, with the same parity check.
+`activate_flash_attention_impl` (FA4 through `fa4_compat`), as `model.flash_attention_impl`
+does: the row that says whether flash-attention 3/4 pays here, with the same parity check.
+Its first call compiles flash-attention 4's kernels (CuTe DSL, JIT): the timings come after.
 
 Default: one 16384-token row of stage-1-like documents (7 x ~2200 + a short one). On CPU
 (no CUDA) it checks the reference against the dense-mask SDPA the model uses there, at a few
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             if name == f"flash varlen ({a.flash_impl})":
-                from torch.nn.attention import activate_flash_attention_impl
+                from titan_llava.models.flash_impl import activate_torch_impl
 
-                activate_flash_attention_impl(a.flash_impl)
+                activate_torch_impl(a.flash_impl)
             out = fn(layouts[0])
             grads = torch.autograd.grad(out, (q, k, v), grad_out)
         except Exception as e:  # noqa: BLE001 - report the kernel's refusal and go on

@@ -18,8 +18,9 @@
 # tower as one FSDP unit, the sync count.
 # PLAN=round7: what round 6 left (see the plan's comment).
 # PLAN=round7h200: stage 2 at the full depth with the real AdamW on one H200 (see the plan's comment).
-# PLAN=round8: the allocator's expandable segments against its defaults, stage 2's profile at the
-# full depth, and what round 7 left (see the plan's comment).
+# PLAN=round8: flash-attention 4 for stage 1 where installed, the allocator's expandable segments
+# against its defaults, stage 2's profile at the full depth, and what round 7 left (see the plan's
+# comment).
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -205,7 +206,8 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   run s2_sacop_foreach 120 $S2 --ac selective --optimizer.implementation foreach
   run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   ;;
-round8)  # after round 7. Stage 1's shipped config with the allocator's defaults, then with
+round8)  # after round 7. Where flash-attention 4 is installed (benchmarks/fa4_site.sh), first
+  # its kernel check and stage 1 with it. Stage 1's shipped config with the allocator's defaults, then with
   # expandable segments (now run_train.sh's and the benchmark's default; round 7's trace had a
   # 26.5 ms cudaFree stall at the step's peak), then its profile (is the stall gone?). Stage 2 at
   # the full depth with selective AC again (its allocator retries), then its kernel profile: the
@@ -216,10 +218,22 @@ round8)  # after round 7. Stage 1's shipped config with the allocator's defaults
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
   S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
+  if python -c "import flash_attn.cute.interface" >/dev/null 2>&1; then
+    # flash-attention 4 (benchmarks/fa4_site.sh) for the LLM's attention, 19% of stage 1's step
+    # on torch's FA2-class kernel: its parity and speed alone (the first call compiles its
+    # kernels), then stage 1 with it; s1_repl below is the same call's baseline.
+    MICRO_TAIL=20 micro attention_fa4 150 python benchmarks/attention_kernel.py --flash-impl FA4
+    run s1_repl_fa4 180 $S1 $P1 --model.flash_attention_impl FA4
+  else
+    echo "flash-attention 4 not importable: FA4 runs skipped (benchmarks/fa4_site.sh)" | log
+  fi
   RUN_ENV="PYTORCH_CUDA_ALLOC_CONF=" run s1_alloc_default 100 $S1 $P1
   run s1_repl 100 $S1 $P1
   run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_full_sgd_sacop 230 $S2F --ac selective
+  if python -c "import flash_attn.cute.interface" >/dev/null 2>&1; then
+    run s2_full_sgd_sacop_fa4 250 $S2F --ac selective --model.flash_attention_impl FA4
+  fi
   run s2_full_sgd_sacop_prof 150 --stage 2 --grad-accum 1 --steps 2 --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin --ac selective --profile "$OUT/prof_s2f"
   run s2_sacop 200 $S2 --ac selective
   run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower

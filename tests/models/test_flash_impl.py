@@ -5,8 +5,6 @@ packages: not run here (benchmarks/README.md, session 9)."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import sys
 import types
 
@@ -15,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.train.utils import run_train
-from titan_llava.models import flash_impl
+from titan_llava.models import fa4_compat, flash_impl
 from titan_llava.models.args import VicunaArgs
 from titan_llava.models.attention import build_attention_mask, causal_attention
 
@@ -147,15 +145,16 @@ def on_cuda(monkeypatch, torch_registry):
 def test_activates_then_checks_at_the_models_shapes(on_cuda, caplog):
     def check(device, dtype, n_heads, head_dim, label):
         on_cuda["checked"].append((device, dtype, n_heads, head_dim, label))
+        fa4_compat.calls["forward"] += 1  # as the FA4 kernels do when the check reaches them
+        fa4_compat.calls["backward"] += 1
         return {"out": 1e-3, "dq": 2e-3, "dk": 2e-3, "dv": 1e-3}
 
     with caplog.at_level("INFO", logger="titan_llava.models.flash_impl"):
         flash_impl.activate("FA4", "sdpa", LLM, CUDA, BF16, check=check)
     assert on_cuda["activated"] == ["FA4"]
     assert on_cuda["checked"] == [(CUDA, BF16, 4, 16, "model.flash_attention_impl 'FA4'")]
-    if hasattr(torch.nn.attention, "register_flash_attention_impl"):  # torch >= 2.11
-        register = on_cuda["registry"]._FLASH_ATTENTION_IMPLS["FA4"]
-        assert register.keywords == {"module_path": flash_impl.FA4_MODULE}  # via fa4_compat
+    # torch's "FA4" entry now activates this project's kernels, not torch's own glue
+    assert on_cuda["registry"]._FLASH_ATTENTION_IMPLS["FA4"] is fa4_compat.register
     assert "start-up check against fp32 SDPA passed" in caplog.text
 
 
@@ -201,21 +200,25 @@ def test_trainer_refuses_it_before_any_work(tmp_path):
     assert proc.returncode == 2 and "flash_attention_impl" in proc.stderr, proc.stderr[-2000:]
 
 
-# --- FA4 through torch's own glue (torch.nn.attention._fa4), with flash-attn-4 stood in for ---
+
+
+# --- FA4: this project's kernels for torch's flash ops, flash-attn-4 stood in for ---
 
 
 def _fake_fa4_interface(fwd_values: int, bwd_values: int) -> types.ModuleType:
     """`flash_attn.cute.interface` as flash-attn-4 releases shape it: the forward returns out and
-    lse first, then None (2 values up to 4.0.0b18, 4 from b19, 5 from b33); the backward dq, dk,
-    dv, then the sink's gradient."""
-    mod = types.ModuleType("flash_attn.cute.interface")
+    lse ([H, T] for packed rows, [B, H, S] for dense ones) first, then None (2 values up to
+    4.0.0b18, 4 from b19, 5 from b33); the backward dq, dk, dv, then the sink's gradient."""
+    mod = types.ModuleType(fa4_compat.FA4_MODULE)
     mod.calls = []
 
     def _flash_attn_fwd(q, k, v, **kwargs):
         mod.calls.append(("fwd", kwargs))
-        out = q * 2
-        lse = torch.arange(q.shape[0] * q.shape[1], dtype=torch.float32).view(q.shape[0], -1).t()
-        return (out, lse, None, None, None)[:fwd_values]
+        if kwargs["cu_seqlens_q"] is not None:
+            lse = torch.ones(q.shape[1], q.shape[0])
+        else:
+            lse = torch.ones(q.shape[0], q.shape[2], q.shape[1])
+        return (q * 2, lse, None, None, None)[:fwd_values]
 
     def _flash_attn_bwd(q, k, v, out, dout, lse, **kwargs):
         mod.calls.append(("bwd", kwargs))
@@ -226,30 +229,17 @@ def _fake_fa4_interface(fwd_values: int, bwd_values: int) -> types.ModuleType:
 
 
 @pytest.fixture
-def fake_fa4(monkeypatch, torch_registry):
-    fa4 = pytest.importorskip("torch.nn.attention._fa4")
-
+def fake_fa4(monkeypatch):
     def install(fwd_values=5, bwd_values=4):
         mod = _fake_fa4_interface(fwd_values, bwd_values)
         cute = types.ModuleType("flash_attn.cute")
         cute.interface = mod
         monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
         monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
-        monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", mod)
-        monkeypatch.delitem(sys.modules, flash_impl.FA4_MODULE, raising=False)
-        fa4._fa4_import_module.cache_clear()
+        monkeypatch.setitem(sys.modules, fa4_compat.FA4_MODULE, mod)
         return mod
 
-    yield fa4, install
-    fa4._fa4_import_module.cache_clear()
-    sys.modules.pop(flash_impl.FA4_MODULE, None)
-
-
-def _call(fn, **by_name):
-    """One of torch's private FA4 helpers, its arguments given by name (their order and set
-    differ between torch releases)."""
-    params = inspect.signature(fn).parameters
-    return fn(**{n: by_name.get(n) for n, p in params.items() if p.default is inspect._empty})
+    return install
 
 
 def _packed(tokens=10, heads=2, head_dim=4):
@@ -258,67 +248,118 @@ def _packed(tokens=10, heads=2, head_dim=4):
     return q, k, v, torch.tensor([0, 3, tokens], dtype=torch.int32)
 
 
-def _run_fwd_bwd(fa4):
-    q, k, v, cu = _packed()
-    common = dict(query=q, key=k, value=v, cu_seq_q=cu, cu_seq_k=cu, max_q=7, max_k=7,
-                  scale=0.5, is_causal=True, window_size_left=-1, window_size_right=-1)
-    fwd = _call(fa4._fa4_run_forward, **common)
-    bwd = _call(fa4._fa4_run_backward, grad_out=torch.ones_like(q), out=fwd[0],
-                logsumexp=fwd[1], **common)
-    return (q, k, v, cu), fwd, bwd
+def _meta(*tensors):
+    return [t.to("meta") if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
 @pytest.mark.parametrize("fwd_values, bwd_values", [(2, 3), (4, 3), (5, 4)])
-def test_fa4_reaches_torch_with_the_values_it_unpacks(fake_fa4, fwd_values, bwd_values):
-    """torch's real FA4 glue over flash-attn-4's interface shapes: pointed at fa4_compat, its
-    forward and backward get the kernels' out, lse and dq, dk, dv, whatever else they return."""
-    fa4, install = fake_fa4
-    mod = install(fwd_values, bwd_values)
-    assert flash_impl.route_fa4_through_compat()
-    torch.nn.attention.activate_flash_attention_impl("FA4")
-    assert fa4._FA4_MODULE_PATH == flash_impl.FA4_MODULE
-    (q, k, v, cu), (out, lse), (dq, dk, dv) = _run_fwd_bwd(fa4)
-    assert torch.equal(out, q * 2)
-    assert lse.shape == (2, 10) and lse.is_contiguous()
-    assert torch.equal(lse[1], torch.arange(10) * 2 + 1.0)
-    assert (torch.equal(dq, q + 1) and torch.equal(dk, k + 2) and torch.equal(dv, v + 3))
-    (kind, fwd_kwargs), (kind2, bwd_kwargs) = mod.calls
-    assert (kind, kind2) == ("fwd", "bwd")
-    assert fwd_kwargs["causal"] and fwd_kwargs["return_lse"] and fwd_kwargs["softmax_scale"] == 0.5
-    assert fwd_kwargs["cu_seqlens_q"] is cu and bwd_kwargs["cu_seqlens_k"] is cu
+def test_fa4_kernels_give_torch_what_its_ops_return(fake_fa4, fwd_values, bwd_values):
+    """A packed causal row as torch's varlen attention hands it over (window (-1, 0)): flash-
+    attention 4 gets unbounded windows as None, the documents' offsets and lengths, the scale;
+    torch gets outputs shaped as aten's own meta kernels say, whatever else FA4 returns."""
+    mod = fake_fa4(fwd_values, bwd_values)
+    q, k, v, cu = _packed()
+    args = (q, k, v, cu, cu, 7, 7, 0.0, True, False)
+    kw = dict(scale=0.5, window_size_left=-1, window_size_right=0)
+    before = dict(fa4_compat.calls)
+    got = fa4_compat.flash_forward(*args, **kw)
+    want = torch.ops.aten._flash_attention_forward(*_meta(*args), **kw)
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]
+    assert torch.equal(got[0], q * 2) and got[1].is_contiguous()
+
+    grads = fa4_compat.flash_backward(torch.ones_like(q), q, k, v, got[0], got[1], cu, cu, 7, 7,
+                                      0.0, True, got[2], got[3], **kw)
+    assert torch.equal(grads[0], q + 1) and torch.equal(grads[1], k + 2)
+    assert torch.equal(grads[2], v + 3) and len(grads) == 3
+    (_, fwd), (_, bwd) = mod.calls
+    for given in (fwd, bwd):
+        assert given["causal"] is True and given["softmax_scale"] == 0.5
+        assert given["window_size_left"] is None and given["window_size_right"] == 0
+        assert given["cu_seqlens_q"] is cu and given["cu_seqlens_k"] is cu
+        assert given["max_seqlen_q"] == 7 and given["max_seqlen_k"] == 7
+    assert fwd["return_lse"] is True
+    assert fa4_compat.calls == {"forward": before["forward"] + 1,
+                                "backward": before["backward"] + 1}
 
 
-def test_torchs_default_fa4_route_fails_on_newer_releases(fake_fa4):
-    """Why fa4_compat exists: torch's glue imports flash_attn.cute.interface directly and cannot
-    unpack the forward of flash-attn-4 4.0.0b33 and later."""
-    fa4, install = fake_fa4
-    install(fwd_values=5, bwd_values=3)
-    fa4.register_flash_attention_fa4()  # torch's default module path
-    with pytest.raises(ValueError, match="too many values to unpack"):
-        _run_fwd_bwd(fa4)
+def test_fa4_kernels_dense_rows(fake_fa4):
+    """[B, S, H, D] without offsets (how sdpa's flash path calls the op): no lengths passed."""
+    mod = fake_fa4()
+    q = torch.randn(2, 5, 3, 4)
+    args = (q, q, q, None, None, 5, 5, 0.0, False, False)
+    got = fa4_compat.flash_forward(*args)
+    want = torch.ops.aten._flash_attention_forward(*_meta(*args))
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]
+    fa4_compat.flash_backward(q, q, q, q, got[0], got[1], torch.empty(0), torch.empty(0), 5, 5,
+                              0.0, False, got[2], got[3])
+    for _, given in mod.calls:
+        assert given["cu_seqlens_q"] is None and given["max_seqlen_q"] is None
+        assert given["window_size_left"] is None and given["causal"] is False
 
 
-def test_fa4_compat_names_a_result_it_cannot_use(fake_fa4):
-    _, install = fake_fa4
-    install(fwd_values=1, bwd_values=3)
-    fa4_compat = importlib.import_module(flash_impl.FA4_MODULE)
-    q, k, v, _ = _packed()
-    with pytest.raises(RuntimeError, match=r"_flash_attn_fwd returned 1, expected at least 2"):
-        fa4_compat._flash_attn_fwd(q, k, v)
+@pytest.mark.parametrize("kwargs, named", [
+    ({"dropout_p": 0.1}, "dropout"),
+    ({"return_debug_mask": True}, "debug_mask"),
+    ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
+    ({"num_splits": 4}, "split_kv"),
+])
+def test_fa4_kernels_refuse_what_they_do_not_do(fake_fa4, kwargs, named):
+    mod = fake_fa4()
+    q, k, v, cu = _packed()
+    call = dict(dropout_p=0.0, return_debug_mask=False) | kwargs
+    with pytest.raises(RuntimeError, match=f"flash-attention 4 route \\(forward\\): {named} not"):
+        fa4_compat.flash_forward(q, k, v, cu, cu, 7, 7, call.pop("dropout_p"),
+                                 True, call.pop("return_debug_mask"), **call)
+    assert mod.calls == []
+
+
+def test_fa4_kernels_name_a_result_they_cannot_use(fake_fa4):
+    fake_fa4(fwd_values=1)
+    q, k, v, cu = _packed()
+    with pytest.raises(RuntimeError, match="_flash_attn_fwd returned 1, expected at least 2"):
+        fa4_compat.flash_forward(q, k, v, cu, cu, 7, 7, 0.0, True, False)
+
+
+def _cuda_kernels() -> list[str]:
+    return [line for op in fa4_compat.OPS
+            for line in torch._C._dispatch_dump_table(f"aten::{op}").splitlines()
+            if line.startswith("CUDA")]
+
+
+def test_fa4_activation_registers_and_restore_removes_the_kernels(fake_fa4, torch_registry):
+    """Through torch's real registry: activating "FA4" puts this module's kernels on both ops'
+    CUDA key, restoring takes them off again."""
+    fake_fa4()
+    before = _cuda_kernels()
+    flash_impl.activate_torch_impl("FA4")
+    assert torch.nn.attention.current_flash_attention_impl() == "FA4"
+    active = _cuda_kernels()
+    assert len(active) == 2 and all("titan_llava/models/fa4_compat.py" in line for line in active)
+    torch.nn.attention.restore_flash_attention_impl()
+    import gc
+
+    gc.collect()
+    assert _cuda_kernels() == before
+
+
+def test_fa4_check_must_reach_its_kernels(on_cuda):
+    """A check that passes without flash-attention 4's kernels running (torch took another
+    route) stops the run: the figures would be torch's own kernel's."""
+    def check(device, dtype, n_heads, head_dim, label):
+        fa4_compat.calls["forward"] += 1  # the forward ran, the backward did not
+        return {"out": 1e-3, "dq": 2e-3, "dk": 2e-3, "dv": 1e-3}
+
+    with pytest.raises(RuntimeError, match="did not run flash-attention 4's kernels"):
+        flash_impl.activate("FA4", "sdpa", LLM, CUDA, BF16, check=check)
 
 
 def test_fa4_missing_package_says_what_to_install(monkeypatch, torch_registry):
-    """torch's own registry and import, flash-attn-4 not installed here."""
-    if "FA4" not in flash_impl.available_impls():
-        pytest.skip("this torch has no FA4 in its flash registry")
-    fa4 = pytest.importorskip("torch.nn.attention._fa4")
+    """torch's real registry; flash-attn-4 is not installed here."""
     try:
         import flash_attn.cute  # noqa: F401
         pytest.skip("flash_attn.cute is installed here")
     except ImportError:
         pass
-    fa4._fa4_import_module.cache_clear()
-    monkeypatch.delitem(sys.modules, flash_impl.FA4_MODULE, raising=False)
     monkeypatch.setattr(flash_impl, "torch_varlen_usable", lambda device, dtype, gqa: True)
     with pytest.raises(RuntimeError, match="pip install --pre flash-attn-4") as e:
         flash_impl.activate("FA4", "sdpa", LLM, CUDA, BF16, check=_fail_check)

@@ -8,8 +8,9 @@ come from a package torch does not ship: FA3 from flash-attention's Hopper build
 `flash_attn_interface`, ops `torch.ops.flash_attn_3`, no wheel on PyPI), FA4 from PyPI's
 `flash-attn-4` (pre-releases; module `flash_attn.cute`, CuTe DSL kernels compiled at first use,
 with `nvidia-cutlass-dsl`). The PyPI names `flash-attn-interface` and `flash-attn-cute` are empty
-placeholders, not these. FA4 is handed to torch through `fa4_compat`, which keeps the return
-values torch's glue unpacks across flash-attn-4 releases.
+placeholders, not these. FA4 runs through this project's kernels for torch's flash ops
+(`fa4_compat`; torch 2.11's own FA4 glue fails every packed-row backward), and the start-up check
+also proves that they ran.
 
 torch marks this registry a prototype, and its kernels have not run in this project (no GPU
 session had the packages; benchmarks/README.md, session 9). So the trainer first checks the route
@@ -20,14 +21,13 @@ before building the model if it is off.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 import logging
 
 import torch
 import torch.nn.functional as F
 
+from titan_llava.models import fa4_compat
 from titan_llava.models.attention import VarlenInfo, _torch_varlen_causal, torch_varlen_usable
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ CHECK_DOCS = (17, 64, 300)
 # (session 8's emulation); the faults the check is for (a wrong mask, a dropped tile, wrong
 # gradients) are off by 0.12 or more.
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 3e-2}
-# The module torch's FA4 glue is pointed at (see fa4_compat).
-FA4_MODULE = "titan_llava.models.fa4_compat"
 
 
 def available_impls() -> list[str]:
@@ -52,20 +50,15 @@ def available_impls() -> list[str]:
     return list(list_flash_attention_impls())
 
 
-def route_fa4_through_compat() -> bool:
-    """Point torch's "FA4" entry at `fa4_compat` instead of `flash_attn.cute.interface` (same
-    kernels; the return values torch unpacks). False where this torch's FA4 glue takes no module
-    path: then torch imports flash-attn-4 itself."""
-    try:
-        from torch.nn.attention import _fa4, register_flash_attention_impl
-    except ImportError:
-        return False
-    register = getattr(_fa4, "register_flash_attention_fa4", None)
-    if register is None or "module_path" not in inspect.signature(register).parameters:
-        return False
-    register_flash_attention_impl(
-        "FA4", register_fn=functools.partial(register, module_path=FA4_MODULE))
-    return True
+def activate_torch_impl(impl: str) -> None:
+    """torch's `activate_flash_attention_impl(impl)`, with this project's FA4 kernels
+    (`fa4_compat`) registered as "FA4" first. Reroutes torch's flash ops for the whole process;
+    no checks (`activate` is the trainer's call)."""
+    from torch.nn.attention import activate_flash_attention_impl, register_flash_attention_impl
+
+    if impl == "FA4":
+        register_flash_attention_impl("FA4", register_fn=fa4_compat.register)
+    activate_flash_attention_impl(impl)
 
 
 def startup_check(device: torch.device, dtype: torch.dtype, n_heads: int, head_dim: int,
@@ -139,12 +132,8 @@ def activate(impl: str, attn_backend: str, llm, device: torch.device, dtype: tor
     names = available_impls()
     if impl not in names:
         raise ValueError(f"{key}: this torch ({torch.__version__}) offers {names or 'none'}")
-    from torch.nn.attention import activate_flash_attention_impl
-
-    if impl == "FA4":
-        route_fa4_through_compat()
     try:
-        activate_flash_attention_impl(impl)
+        activate_torch_impl(impl)
     except Exception as e:
         raise RuntimeError(
             f"{key}: torch could not activate it ({type(e).__name__}: {e}). FA3 needs "
@@ -153,6 +142,13 @@ def activate(impl: str, attn_backend: str, llm, device: torch.device, dtype: tor
             "libraries for this CUDA: nvidia-cutlass-dsl[cu13] on CUDA 13); or leave the key "
             "empty for torch's own flash kernel."
         ) from e
+    before = dict(fa4_compat.calls)
     diffs = check(device, dtype, llm.n_heads, llm.head_dim, label=key)
+    if impl == "FA4":
+        ran = {k: fa4_compat.calls[k] - before[k] for k in before}
+        if not all(ran.values()):
+            raise RuntimeError(
+                f"{key}: the start-up check passed, but torch's packed-row attention did not run "
+                f"flash-attention 4's kernels ({ran}): torch's own kernel would run instead")
     logger.info("%s active; start-up check against fp32 SDPA passed (max relative differences: "
                 "%s)", key, ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
