@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:34s} {ms:8.3f} {fwd_flops / ms / 1e9:8.1f} {ms_fb:11.3f} "
               f"{all_flops / ms_fb / 1e9:8.1f} {out_diff:9.2e} {grad_diff:9.2e}  cycling 3 "
               f"packings: {ms_cyc:.3f} ms fwd+bwd")
+        if name == "flash varlen (FA4)":  # proof that the row ran flash-attention 4's kernels
+            from titan_llava.models.fa4_compat import calls
+
+            print(f"{'':34s} flash-attention 4 kernel calls: {calls['forward']} forward, "
+                  f"{calls['backward']} backward")
         # bf16 on CUDA: a few bf16 roundings of O(1) values; fp32 on CPU: float error only.
         ok &= out_diff < (2e-2 if cuda else 1e-5) and grad_diff < (5e-2 if cuda else 1e-5)
     if cuda:

@@ -7,18 +7,22 @@
 #
 # build installs the pinned wheels below for CPython 3.12 x86-64 into one folder (pip --target,
 # no dependency resolution: the image already has torch, einops, typing-extensions, protobuf and
-# cuda-bindings) and packs it with xz's x86 filter and a 256 MiB dictionary: ~60 MB of the
-# CUDA 13 CuTe DSL libraries (a 193 MB MLIR module) in ~52 MB, so that the archive, the repo and
-# the torchdata wheel stay under a device call's 64 MiB (plain xz -9e: 63.5 MB; the wheel: 92 MB).
+# cuda-bindings) and packs the folder (264 MB, most of it the CUDA 13 CuTe DSL libraries: a
+# 193 MB MLIR module) with xz's x86 filter and a 256 MiB dictionary into 57.5 MB, so that it, the
+# repo and the torchdata wheel stay under a device call's 64 MiB (the CUDA 13 library wheel alone
+# is 92 MB, and 63.5 MB with plain xz -9e). Packing takes ~6 minutes on 2 cores.
 # The folder is git-ignored (.gitignore); name it in the call's carry. install unpacks it with
 # Python's tarfile (no xz binary needed) and prints the exports: the folder, and the CuTe DSL's
 # dsl_packages, which the nvidia-cutlass-dsl wheel adds through a .pth file that a PYTHONPATH
-# folder does not run. It also turns on flash-attention 4's on-disk kernel cache, so that the
-# kernels compiled (JIT, tens of seconds) by one run are reused by the next on the same machine.
+# folder does not run. flash-attention 4 compiles its kernels in each process at first use (in
+# the trainer's start-up check, before any measured step); its on-disk cache
+# (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1) is off by default upstream and left off.
 #
-# Versions: flash-attn-4 4.0.0b36 (2026-10-21) has the Hopper (SM90) forward and backward; it
-# returns more values than torch's FA4 glue unpacks, which titan_llava/models/fa4_compat.py
-# handles. CUTLASS_FLAVOR=cu12 builds for a CUDA 12 driver instead.
+# Versions: flash-attn-4 4.0.0b36 (2026-10-21) has the Hopper (SM90) forward and backward;
+# titan_llava/models/fa4_compat.py calls it (torch 2.11's own FA4 glue cannot run packed rows).
+# Checked on the CPU machine: with torch 2.11+cu130 and these versions (their CPython 3.11
+# builds), flash_attn.cute.interface imports and fa4_compat's kernels register. Not yet run on a
+# GPU. CUTLASS_FLAVOR=cu12 builds for a CUDA 12 driver instead.
 set -euo pipefail
 mode=${1:-}
 dir=${2:-.fa4}
@@ -57,7 +61,6 @@ with tarfile.open(sys.argv[1], "r:xz") as tar:
 print(f"flash-attention 4 unpacked into {sys.argv[2]}")
 EOF
   echo "export PYTHONPATH=$target:$target/nvidia_cutlass_dsl/dsl_packages\${PYTHONPATH:+:\$PYTHONPATH}"
-  echo "export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=$target.cache"
   ;;
 *)
   echo "usage: $0 build [DIR] | install [DIR] [TARGET]" >&2

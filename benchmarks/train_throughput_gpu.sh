@@ -218,7 +218,9 @@ round8)  # after round 7. Where flash-attention 4 is installed (benchmarks/fa4_s
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
   S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
-  if python -c "import flash_attn.cute.interface" >/dev/null 2>&1; then
+  fa4=0  # flash-attention 4 importable (benchmarks/fa4_site.sh install)?
+  python -c "import flash_attn.cute.interface" >/dev/null 2>&1 && fa4=1
+  if (( fa4 )); then
     # flash-attention 4 (benchmarks/fa4_site.sh) for the LLM's attention, 19% of stage 1's step
     # on torch's FA2-class kernel: its parity and speed alone (the first call compiles its
     # kernels), then stage 1 with it; s1_repl below is the same call's baseline.
@@ -231,7 +233,7 @@ round8)  # after round 7. Where flash-attention 4 is installed (benchmarks/fa4_s
   run s1_repl 100 $S1 $P1
   run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_full_sgd_sacop 230 $S2F --ac selective
-  if python -c "import flash_attn.cute.interface" >/dev/null 2>&1; then
+  if (( fa4 )); then
     run s2_full_sgd_sacop_fa4 250 $S2F --ac selective --model.flash_attention_impl FA4
   fi
   run s2_full_sgd_sacop_prof 150 --stage 2 --grad-accum 1 --steps 2 --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin --ac selective --profile "$OUT/prof_s2f"
