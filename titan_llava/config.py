@@ -194,8 +194,9 @@ class ActivationCheckpoint:
     mode: Literal["none", "full", "selective"] = "none"
     """Recompute block activations in backward: none, full (every block), selective."""
     selective_ac_option: str = "op"
-    """Selective AC: "op" (save matmul/attention outputs, every other matmul) or an integer N
-    (fully checkpoint every N-th block)."""
+    """Selective AC: "op" (save attention outputs and every other matmul's), "op_all_mm" (save
+    every matmul's and attention's: only norms, activations, RoPE and adds are recomputed; more
+    memory, less recompute) or an integer N (fully checkpoint every N-th block)."""
     components: list[str] = field(default_factory=lambda: ["llm", "vision"])
     """Which towers' blocks the mode applies to: "llm", "vision" (the other runs without AC; a
     frozen vision tower never checkpoints, it runs without autograd)."""

@@ -77,11 +77,11 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
                     f"model.grid_pinpoints entry {(w, h)} is not a positive multiple of 336"
                 )
     ac = cfg.activation_checkpoint
-    if ac.mode == "selective" and ac.selective_ac_option != "op":
+    if ac.mode == "selective" and ac.selective_ac_option not in ("op", "op_all_mm"):
         if not (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0):
             raise ValueError(
-                "activation_checkpoint.selective_ac_option must be 'op' or a positive integer, "
-                f"got {ac.selective_ac_option!r}"
+                "activation_checkpoint.selective_ac_option must be 'op', 'op_all_mm' or a "
+                f"positive integer, got {ac.selective_ac_option!r}"
             )
     for key, components in (
         ("compile.components", cfg.compile.components),

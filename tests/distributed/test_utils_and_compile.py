@@ -201,3 +201,53 @@ def test_activation_checkpointing_applies_to_the_named_towers_only(components):
     for name, tower in (("llm", model.language_model), ("vision", model.vision_tower)):
         wrapped = [isinstance(b, _CheckpointedBlock) for b in tower.layers.values()]
         assert wrapped == [name in components] * len(wrapped), (name, wrapped)
+
+
+class _MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _MLPBlock(torch.nn.Module):
+    """Four matmuls with cheap ops between them, like an LLM block's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.a(torch.nn.functional.rms_norm(x, (8,))))
+        # The last matmul's output feeds an activation, so its backward needs it: a recompute
+        # cannot stop early before it.
+        return x + torch.nn.functional.silu(self.d(self.c(h) * torch.sigmoid(self.b(h))))
+
+
+@pytest.mark.parametrize("mode, option, recomputed", [
+    ("none", "op", 0), ("full", "op", 4), ("selective", "op", 2), ("selective", "op_all_mm", 0),
+])
+def test_ac_policies_recompute_the_matmuls_they_say(mode, option, recomputed):
+    """Matmuls run in forward + backward against no AC: full recomputes all 4 of the block's,
+    "op" every second one (2), "op_all_mm" none. The gradients do not change."""
+    from titan_llava.distributed.parallelize import apply_activation_checkpointing
+
+    load_config(["--activation_checkpoint.mode", mode,
+                 "--activation_checkpoint.selective_ac_option", option])  # valid keys
+    torch.manual_seed(0)
+    ref, block = _MLPBlock(), _MLPBlock()
+    block.load_state_dict(ref.state_dict())
+    apply_activation_checkpointing(torch.nn.ModuleDict({"0": block}), mode, option)
+    x = torch.randn(5, 8)
+    counts = []
+    for m in (ref, block):
+        with _MatmulCount() as mode:
+            m(x).square().sum().backward()
+        counts.append(mode.n)
+    assert counts[1] - counts[0] == recomputed, counts
+    for p_ref, p in zip(ref.parameters(), block.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=0)

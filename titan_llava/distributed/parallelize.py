@@ -46,12 +46,12 @@ except (ImportError, AttributeError):  # pragma: no cover - torch < 2.10
     pass
 
 
-def _op_sac_context():
+def _op_sac_context(every_mm: bool = False):
     counts: dict[str, int] = defaultdict(int)  # fresh per checkpointed call
 
     def policy(ctx, func, *args, **kwargs):
         mode = "recompute" if ctx.is_recompute else "forward"
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+        if not every_mm and func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
             counts[mode] += 1
             if counts[mode] % 2 == 0:
                 return CheckpointPolicy.PREFER_RECOMPUTE
@@ -62,15 +62,26 @@ def _op_sac_context():
     return create_selective_checkpoint_contexts(policy)
 
 
+def _op_sac_context_every_mm():
+    """Selective option "op_all_mm": every matmul and attention output saved; only the cheap
+    ops between them (norms, activations, RoPE, residual adds) are recomputed."""
+    return _op_sac_context(every_mm=True)
+
+
+# selective_ac_option -> the per-op policy's context (module-level functions: compiled blocks
+# guard on them)
+_OP_POLICIES = {"op": _op_sac_context, "op_all_mm": _op_sac_context_every_mm}
+
+
 class _CheckpointedBlock:
     """Mixin swapped in front of a block's class: its forward runs under non-reentrant activation
     checkpointing. (A wrapper module would add a prefix to every parameter name.)"""
 
-    _ac_op_policy: bool = False
+    _ac_op_policy: str = ""  # "" (full), or a key of _OP_POLICIES
     _ac_inner_forward = None  # the block class's own forward (a plain function), set per class
 
     def forward(self, *args, **kwargs):
-        extra = {"context_fn": _op_sac_context} if self._ac_op_policy else {}
+        extra = {"context_fn": _OP_POLICIES[self._ac_op_policy]} if self._ac_op_policy else {}
         # The module goes in as an argument of a plain function, not as a bound method: under
         # torch.compile a bound method would make every block instance recompile the graph.
         # No dropout anywhere: no RNG state to preserve.
@@ -96,8 +107,9 @@ def _own_code(fn, owner: str):
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def checkpoint_block(block: nn.Module, op_policy: bool = False) -> None:
-    """Turn on activation checkpointing for `block` in place (full, or selective per-op)."""
+def checkpoint_block(block: nn.Module, op_policy: str = "") -> None:
+    """Turn on activation checkpointing for `block` in place: full, or selective with a per-op
+    policy ("op" or "op_all_mm")."""
     if isinstance(block, _CheckpointedBlock):
         return
     cls = block.__class__
@@ -115,14 +127,15 @@ def checkpoint_block(block: nn.Module, op_policy: bool = False) -> None:
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, option: str = "op") -> None:
-    """mode none | full | selective; selective option "op" (per-op policy) or N (every N-th block)."""
+    """mode none | full | selective; selective option "op" / "op_all_mm" (per-op policies) or N
+    (every N-th block)."""
     if mode == "none":
         return
     for i, block in enumerate(blocks.values()):
         if mode == "full":
             checkpoint_block(block)
-        elif option == "op":
-            checkpoint_block(block, op_policy=True)
+        elif option in _OP_POLICIES:
+            checkpoint_block(block, op_policy=option)
         elif i % int(option) == 0:
             checkpoint_block(block)
 
