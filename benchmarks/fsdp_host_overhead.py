@@ -45,7 +45,7 @@ def build(n: int, ac: str | None, compiled: bool, fsdp: bool, mesh) -> list[torc
     blocks = [CLIPBlock(ARGS) for _ in range(n)]
     for b in blocks:
         if ac:
-            checkpoint_block(b, op_policy=ac == "op")
+            checkpoint_block(b, op_policy="op" if ac == "op" else "")
         if compiled:
             compile_block(b)
         if fsdp:

@@ -47,6 +47,8 @@ def report(r: dict) -> str:
             f"config: {r['local_batch_size']} rows x {r['grad_accum']} micro-batches of "
             f"<= {r['row_len']} tokens (samples truncated at {r['seq_len']}), "
             f"packing {r['packing']}, AC {r['ac']}"
+            + (f" ({r['ac_option']})" if r["ac"] == "selective"
+               and r.get("ac_option", "op") != "op" else "")
             + ("" if set(r.get("ac_components", ("llm", "vision"))) == {"llm", "vision"}
                or r["ac"] == "none" else f" ({'+'.join(r['ac_components']) or 'no tower'} only)")
             + ", "

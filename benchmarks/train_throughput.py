@@ -361,6 +361,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "packing": a.packing,
         "row_len": trainer.cfg.packing_row_len() if a.packing else a.seq_len,
         "ac": a.ac,
+        "ac_option": trainer.cfg.activation_checkpoint.selective_ac_option,
         "ac_components": trainer.cfg.activation_checkpoint.components,
         "compile": a.compile,
         "trim_last_block": a.trim_last_block and not a.full_logits,

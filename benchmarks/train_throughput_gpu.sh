@@ -214,6 +214,9 @@ round8)  # after round 7. Where flash-attention 4 is installed (benchmarks/fa4_s
   # LLM blocks are FSDP units there, and whether their RoPE gets round 6's slow split launch is
   # open. Then what round 7 left: the tower as one FSDP unit, with selective AC at 8 layers run
   # twice around it (the vision bucket's spread was 78 ms in round 7), AC full on the LLM only.
+  # Selective AC "op_all_mm" (every matmul saved: round 7's no-AC gain at 8 layers was the LLM's
+  # recomputed matmuls, and no AC does not fit at the full depth) at 8 layers beside "op", then at
+  # the full depth if its 8-layer memory says it fits.
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
@@ -238,8 +241,10 @@ round8)  # after round 7. Where flash-attention 4 is installed (benchmarks/fa4_s
   fi
   run s2_full_sgd_sacop_prof 150 --stage 2 --grad-accum 1 --steps 2 --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin --ac selective --profile "$OUT/prof_s2f"
   run s2_sacop 200 $S2 --ac selective
+  run s2_sacmm 150 $S2 --ac selective --activation_checkpoint.selective_ac_option op_all_mm
   run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   run s2_sacop_again 120 $S2 --ac selective
+  run s2_full_sgd_sacmm 230 $S2F --ac selective --activation_checkpoint.selective_ac_option op_all_mm
   run s2_full_sgd_acfull_llmonly 150 $S2F --ac full --activation_checkpoint.components llm
   ;;
 probe)  # only the deferred-step-check probe (seconds)

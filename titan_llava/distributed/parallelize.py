@@ -110,6 +110,8 @@ def _own_code(fn, owner: str):
 def checkpoint_block(block: nn.Module, op_policy: str = "") -> None:
     """Turn on activation checkpointing for `block` in place: full, or selective with a per-op
     policy ("op" or "op_all_mm")."""
+    if op_policy and op_policy not in _OP_POLICIES:
+        raise ValueError(f"unknown per-op AC policy {op_policy!r}: one of {sorted(_OP_POLICIES)}")
     if isinstance(block, _CheckpointedBlock):
         return
     cls = block.__class__
