@@ -5,6 +5,7 @@ packages: not run here (benchmarks/README.md, session 9)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
@@ -165,20 +166,23 @@ def test_an_impl_this_torch_lacks_is_refused(on_cuda, monkeypatch):
     assert on_cuda["activated"] == []
 
 
-def test_a_missing_package_says_what_to_install(monkeypatch):
-    """torch's own registry (not stood in for): FA3's package is not installed here."""
-    if "FA3" not in flash_impl.available_impls():
-        pytest.skip("this torch has no FA3 in its flash registry")
-    pytest.importorskip("torch.nn.attention._fa3")
+@pytest.mark.parametrize("impl, module, match", [
+    ("FA3", "flash_attn_interface", "Hopper build installed"),
+    ("FA4", "flash_attn.cute", "pip install --pre flash-attn-4"),
+])
+def test_a_missing_package_says_what_to_install(monkeypatch, torch_registry, impl, module, match):
+    """torch's own registry (not stood in for); the package is not installed here."""
+    if impl not in flash_impl.available_impls():
+        pytest.skip(f"this torch has no {impl} in its flash registry")
     try:
-        import flash_attn_interface  # noqa: F401
-        pytest.skip("flash_attn_interface is installed here")
+        importlib.import_module(module)
+        pytest.skip(f"{module} is installed here")
     except ImportError:
         pass
     monkeypatch.setattr(flash_impl, "torch_varlen_usable", lambda device, dtype, gqa: True)
-    with pytest.raises(RuntimeError, match="Hopper build installed") as e:
-        flash_impl.activate("FA3", "sdpa", LLM, CUDA, BF16, check=_fail_check)
-    assert "No module named 'flash_attn_interface'" in str(e.value)
+    with pytest.raises(RuntimeError, match=match) as e:
+        flash_impl.activate(impl, "sdpa", LLM, CUDA, BF16, check=_fail_check)
+    assert f"No module named '{module.split('.')[0]}" in str(e.value)
 
 
 def test_a_failed_check_stops_the_run(on_cuda):
@@ -351,16 +355,3 @@ def test_fa4_check_must_reach_its_kernels(on_cuda):
 
     with pytest.raises(RuntimeError, match="did not run flash-attention 4's kernels"):
         flash_impl.activate("FA4", "sdpa", LLM, CUDA, BF16, check=check)
-
-
-def test_fa4_missing_package_says_what_to_install(monkeypatch, torch_registry):
-    """torch's real registry; flash-attn-4 is not installed here."""
-    try:
-        import flash_attn.cute  # noqa: F401
-        pytest.skip("flash_attn.cute is installed here")
-    except ImportError:
-        pass
-    monkeypatch.setattr(flash_impl, "torch_varlen_usable", lambda device, dtype, gqa: True)
-    with pytest.raises(RuntimeError, match="pip install --pre flash-attn-4") as e:
-        flash_impl.activate("FA4", "sdpa", LLM, CUDA, BF16, check=_fail_check)
-    assert "No module named 'flash_attn'" in str(e.value)
