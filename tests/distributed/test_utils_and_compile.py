@@ -245,9 +245,9 @@ def test_ac_policies_recompute_the_matmuls_they_say(mode, option, recomputed):
     x = torch.randn(5, 8)
     counts = []
     for m in (ref, block):
-        with _MatmulCount() as mode:
+        with _MatmulCount() as counter:
             m(x).square().sum().backward()
-        counts.append(mode.n)
+        counts.append(counter.n)
     assert counts[1] - counts[0] == recomputed, counts
     for p_ref, p in zip(ref.parameters(), block.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=0)

@@ -264,7 +264,7 @@ def test_fa4_kernels_give_torch_what_its_ops_return(fake_fa4, fwd_values, bwd_va
     mod = fake_fa4(fwd_values, bwd_values)
     q, k, v, cu = _packed()
     args = (q, k, v, cu, cu, 7, 7, 0.0, True, False)
-    kw = dict(scale=0.5, window_size_left=-1, window_size_right=0)
+    kw = {"scale": 0.5, "window_size_left": -1, "window_size_right": 0}
     before = dict(fa4_compat.calls)
     got = fa4_compat.flash_forward(*args, **kw)
     want = torch.ops.aten._flash_attention_forward(*_meta(*args), **kw)
@@ -310,7 +310,7 @@ def test_fa4_kernels_dense_rows(fake_fa4):
 def test_fa4_kernels_refuse_what_they_do_not_do(fake_fa4, kwargs, named):
     mod = fake_fa4()
     q, k, v, cu = _packed()
-    call = dict(dropout_p=0.0, return_debug_mask=False) | kwargs
+    call = {"dropout_p": 0.0, "return_debug_mask": False} | kwargs
     with pytest.raises(RuntimeError, match=f"flash-attention 4 route \\(forward\\): {named} not"):
         fa4_compat.flash_forward(q, k, v, cu, cu, 7, 7, call.pop("dropout_p"),
                                  True, call.pop("return_debug_mask"), **call)

@@ -28,7 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from titan_llava.models import fa4_compat
-from titan_llava.models.attention import VarlenInfo, _torch_varlen_causal, torch_varlen_usable
+from titan_llava.models.attention import (
+    VarlenInfo,
+    _torch_varlen_causal,
+    torch_varlen_usable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,10 @@ def activate_torch_impl(impl: str) -> None:
     """torch's `activate_flash_attention_impl(impl)`, with this project's FA4 kernels
     (`fa4_compat`) registered as "FA4" first. Reroutes torch's flash ops for the whole process;
     no checks (`activate` is the trainer's call)."""
-    from torch.nn.attention import activate_flash_attention_impl, register_flash_attention_impl
+    from torch.nn.attention import (
+        activate_flash_attention_impl,
+        register_flash_attention_impl,
+    )
 
     if impl == "FA4":
         register_flash_attention_impl("FA4", register_fn=fa4_compat.register)
