@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from tests.train.utils import run_train
 from titan_llava.models import fa4_compat, flash_impl
 from titan_llava.models.args import VicunaArgs
-from titan_llava.models.attention import build_attention_mask, causal_attention
+from titan_llava.models.attention import (
+    VarlenInfo,
+    _torch_varlen_attn,
+    _torch_varlen_causal,
+    build_attention_mask,
+    causal_attention,
+)
 
 
 def _doc_ids(info) -> torch.Tensor:
@@ -355,3 +361,119 @@ def test_fa4_check_must_reach_its_kernels(on_cuda):
 
     with pytest.raises(RuntimeError, match="did not run flash-attention 4's kernels"):
         flash_impl.activate("FA4", "sdpa", LLM, CUDA, BF16, check=check)
+
+
+# --- FA4 end to end on the CPU: torch's varlen attention -> aten's flash ops -> fa4_compat ->
+# a stand-in with flash-attention 4's semantics (a reference, not a kernel) ---
+
+
+def _fa4_allowed(n, causal, left, right):
+    """Which keys a query may see in one document, by flash-attention 4's rules (interface.py,
+    `_resolve_causal_local_window`): both bounds negative means none; causal sets the right bound
+    to 0; any bound makes the mask local unless it is exactly (None, 0), which is causal; a
+    local bound of None is unbounded."""
+    if left is not None and right is not None and left < 0 and right < 0:
+        left = right = None
+    if causal:
+        right = 0
+    local = left is not None or right is not None
+    if local and left is None and right == 0:
+        causal, local = True, False
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if local:
+        if left is not None:
+            allowed &= j >= i - left
+        if right is not None:
+            allowed &= j <= i + right
+    return allowed
+
+
+def _reference_attention(q, k, v, cu, causal, left, right, scale, dout=None):
+    """Per document, fp32, with the mask above: out and lse ([H, T]); with `dout`, (dq, dk, dv)
+    by the closed form (a backward kernel runs below autograd: no autograd there)."""
+    outs, lses, grads = [], [], []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd, kd, vd = (t[s:e].float().transpose(0, 1) for t in (q, k, v))
+        sc = scale or qd.shape[-1] ** -0.5
+        scores = (qd @ kd.transpose(1, 2)) * sc
+        scores = scores.masked_fill(~_fa4_allowed(e - s, causal, left, right), float("-inf"))
+        p = scores.softmax(-1)
+        o = p @ vd
+        lses.append(torch.logsumexp(scores, -1))
+        outs.append(o.transpose(0, 1))
+        if dout is not None:
+            do = dout[s:e].float().transpose(0, 1)
+            ds = p * (do @ vd.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
+            grads.append([(ds @ kd) * sc, (ds.transpose(1, 2) @ qd) * sc, p.transpose(1, 2) @ do])
+    if dout is not None:
+        return tuple(torch.cat([g[i].transpose(0, 1) for g in grads]).to(q.dtype) for i in range(3))
+    return torch.cat(outs).to(q.dtype), torch.cat(lses, dim=1)
+
+
+@pytest.fixture
+def fa4_reference(monkeypatch):
+    """flash_attn.cute.interface stood in for by the reference, shaped as 4.0.0b36 returns; and
+    fa4_compat's kernels on aten's flash ops for the CPU (torch has none there), so that torch's
+    own varlen attention op runs through them."""
+    mod = types.ModuleType(fa4_compat.FA4_MODULE)
+    seen = []
+
+    def fwd(q, k, v, *, cu_seqlens_q, causal, window_size_left, window_size_right,
+            softmax_scale, **kw):
+        seen.append((causal, window_size_left, window_size_right))
+        out, lse = _reference_attention(q, k, v, cu_seqlens_q, causal, window_size_left,
+                                        window_size_right, softmax_scale)
+        return out, lse, None, None, None
+
+    def bwd(q, k, v, out, dout, lse, *, cu_seqlens_q, causal, window_size_left,
+            window_size_right, softmax_scale, **kw):
+        return _reference_attention(q, k, v, cu_seqlens_q, causal, window_size_left,
+                                    window_size_right, softmax_scale, dout) + (None,)
+
+    mod._flash_attn_fwd, mod._flash_attn_bwd, mod.seen = fwd, bwd, seen
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = mod
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, fa4_compat.FA4_MODULE, mod)
+    lib = torch.library.Library("aten", "IMPL", "CPU")
+    lib.impl(fa4_compat.OPS[0], fa4_compat.flash_forward, "CPU")
+    lib.impl(fa4_compat.OPS[1], fa4_compat.flash_backward, "CPU")
+    yield mod
+    lib._destroy()
+
+
+@pytest.mark.skipif(_torch_varlen_attn is None, reason="torch without varlen attention")
+def test_fa4_route_passes_the_trainers_check_through_torchs_varlen_op(fa4_reference):
+    """The trainer's start-up check on the model's own packed-row route (torch's varlen op and
+    its autograd), with fa4_compat under aten's flash ops: it passes at fp32's tolerance, and
+    flash-attention 4 was asked for a causal mask, not the local window -1 that torch's own glue
+    would hand it."""
+    before = dict(fa4_compat.calls)
+    diffs = flash_impl.startup_check(torch.device("cpu"), torch.float32, 4, 16)
+    assert max(diffs.values()) < 1e-5, diffs
+    assert fa4_compat.calls["forward"] > before["forward"]
+    assert fa4_compat.calls["backward"] > before["backward"]
+    assert set(fa4_reference.seen) == {(True, None, 0)}
+
+
+@pytest.mark.skipif(_torch_varlen_attn is None, reason="torch without varlen attention")
+def test_fa4_route_under_compile_matches_eager(fa4_reference):
+    """The same route inside a compiled function (as in the compiled LLM blocks): the outputs
+    and input gradients equal the eager route's."""
+    q, k, v, cu = _packed(tokens=40, heads=2, head_dim=8)
+    info = VarlenInfo(cu, 37)
+
+    def attn(q, k, v):
+        return _torch_varlen_causal(q[None], k[None], v[None], info, False)[0]
+
+    results = []
+    for fn in (attn, torch.compile(attn, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
