@@ -5,11 +5,14 @@ learning-rate schedule (a LambdaLR, so it is Stateful for checkpoints).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+logger = logging.getLogger(__name__)
 
 # Parameter-name prefixes of each trainable part of LlavaNext (contracts: state_dict keys).
 PART_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -33,6 +36,22 @@ def count_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
     for name, p in model.named_parameters():
         counts[part_of(name)]["trainable" if p.requires_grad else "frozen"] += p.numel()
     return counts
+
+
+def log_parameter_counts(model: nn.Module, replicated_frozen: bool) -> None:
+    """Log each part's trainable and frozen parameter counts; with `replicated_frozen` (frozen
+    parameters whole on every rank, `parallelism.replicate_frozen`) also their size per rank."""
+    from torch.distributed.tensor import DTensor
+
+    for part, c in count_parameters(model).items():
+        logger.info(f"{part:>9}: {c['trainable']:,} trainable, {c['frozen']:,} frozen parameters")
+    if replicated_frozen:
+        whole = [p for p in model.parameters() if not isinstance(p, DTensor)]
+        gib = sum(p.numel() * p.element_size() for p in whole) / 2**30
+        logger.info(
+            f"parallelism.replicate_frozen: {sum(p.numel() for p in whole):,} frozen "
+            f"parameters ({gib:.2f} GiB) whole on every rank, not sharded"
+        )
 
 
 def set_trainable(model: nn.Module, trainable: list[str]) -> None:

@@ -12,7 +12,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from titan_llava.architecture import MODEL_ARGS_FILE, hf_dirs, resolve_model_args
 from titan_llava.checkpoint import (
@@ -43,7 +42,7 @@ from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, step_co
 from titan_llava.models import flash_impl
 from titan_llava.models.args import llava_args_to_dict
 from titan_llava.models.llava import LlavaNext
-from titan_llava.optim import build_lr_scheduler, build_optimizer, count_parameters
+from titan_llava.optim import build_lr_scheduler, build_optimizer, log_parameter_counts
 from titan_llava.step_check import StepCheck, StepRecord
 
 logger = logging.getLogger("titan_llava")
@@ -90,7 +89,7 @@ class Trainer:
             model.init_weights()
         self.model = model
         self._load_initial_weights()
-        self._log_parameter_counts()
+        log_parameter_counts(self.model, cfg.parallelism.replicate_frozen and self.mesh is not None)
 
         self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp_degree)
         self.dataset = LlavaDataset(cfg.data.path)
@@ -182,19 +181,6 @@ class Trainer:
         logger.info(f"initial weights from {ck.initial_load_path}: {report.summary()}")
         if report.missing:
             logger.info(f"left at init (trained from scratch): {', '.join(report.missing)}")
-
-    def _log_parameter_counts(self) -> None:
-        for part, c in count_parameters(self.model).items():
-            logger.info(
-                f"{part:>9}: {c['trainable']:,} trainable, {c['frozen']:,} frozen parameters"
-            )
-        if self.cfg.parallelism.replicate_frozen and self.mesh is not None:
-            whole = [p for p in self.model.parameters() if not isinstance(p, DTensor)]
-            gib = sum(p.numel() * p.element_size() for p in whole) / 2**30
-            logger.info(
-                f"parallelism.replicate_frozen: {sum(p.numel() for p in whole):,} frozen "
-                f"parameters ({gib:.2f} GiB) whole on every rank, not sharded"
-            )
 
     # ----- the step -----
     def _next_microbatches(self) -> tuple[list[Batch], float]:
