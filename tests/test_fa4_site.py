@@ -40,15 +40,16 @@ def test_install_unpacks_and_exports_a_path_that_imports(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"unpacked into {target}" in proc.stderr
     exports = proc.stdout.strip().splitlines()
-    assert exports == [f"export PYTHONPATH={target}:{target}/nvidia_cutlass_dsl/dsl_packages"
-                       "${PYTHONPATH:+:$PYTHONPATH}"], exports
+    want = (f"export PYTHONPATH={target}:{target}/nvidia_cutlass_dsl/dsl_packages"
+            "${PYTHONPATH:+:$PYTHONPATH}")
+    assert exports == [want], exports
     code = ("import flash_attn.cute.interface as i, cutlass; "
             "print(i.WHERE, cutlass.WHERE)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = "/kept"
-    run = subprocess.run(["bash", "-c", f'{exports[0]}; echo "$PYTHONPATH"; '
-                          f'"{sys.executable}" -c "{code}"'],
-                         capture_output=True, text=True, timeout=60, env=env, check=False)
+    shell = f'{exports[0]}; echo "$PYTHONPATH"; "{sys.executable}" -c "{code}"'
+    run = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60,
+                         env=env, check=False)
     assert run.returncode == 0, run.stderr
     path, imported = run.stdout.strip().splitlines()
     assert path.endswith(":/kept")  # an existing PYTHONPATH is kept, after the new folders
