@@ -41,7 +41,17 @@ class StepMarks:
         """Mean ms per step in each bucket. A segment between two marks is charged by the mark
         that opens it (the vision tower's forward, its backward, the LLM's, the optimizer's)."""
         totals: dict[str, float] = defaultdict(float)
+        for step in self.per_step_ms():
+            for bucket, ms in step.items():
+                totals[bucket] += ms
+        n = max(len(self.steps), 1)
+        return {k: v / n for k, v in totals.items()}
+
+    def per_step_ms(self) -> list[dict[str, float]]:
+        """Each measured step's ms per bucket (see breakdown_ms)."""
+        steps = []
         for marks in self.steps:
+            totals: dict[str, float] = defaultdict(float)
             for (name, t0), (nxt, t1) in pairwise(marks):
                 if name in ("vis_fwd_start", "vis_bwd_start"):
                     bucket = "vision"
@@ -57,8 +67,8 @@ class StepMarks:
                 else:
                     bucket = "llm"  # embeddings, projector, LLM forward/backward, loss
                 totals[bucket] += self._ms(t0, t1)
-        n = max(len(self.steps), 1)
-        return {k: v / n for k, v in totals.items()}
+            steps.append(dict(totals))
+        return steps
 
 
 def install_probes(trainer, marks: StepMarks) -> None:

@@ -22,12 +22,21 @@ class NewShapes:
         self.seen: set[int] = set()
         self.measured = 0
         self.new = 0
+        self.new_per_step: list[bool] = []  # per measured step: did a micro-batch bring one?
 
-    def add(self, tiles: int, measured: bool) -> None:
+    def add(self, tiles: int, measured: bool) -> bool:
+        new = bool(tiles) and tiles not in self.seen
         if tiles and measured:
             self.measured += 1
-            self.new += tiles not in self.seen
+            self.new += new
         self.seen.add(tiles)
+        return new
+
+    def add_step(self, tiles: list[int], measured: bool) -> None:
+        """A step's micro-batches, in order."""
+        news = [self.add(t, measured) for t in tiles]
+        if measured:
+            self.new_per_step.append(any(news))
 
 
 def report(r: dict) -> str:
@@ -91,6 +100,11 @@ def report(r: dict) -> str:
         "micro-batches with images had a tile count no earlier step had (on CUDA a new cuDNN "
         "attention plan each)"
     )
+    per_step, flags = r.get("vision_ms_per_step") or [], r.get("vision_new_per_step") or []
+    if per_step and len(flags) == len(per_step):
+        cells = [f"{ms:.1f}{'*' if new else ''}" for ms, new in zip(per_step, flags)]
+        lines.append("vision ms per measured step: " + " ".join(cells)
+                     + " (* a new tile count in that step)")
     lines.append(
         "allocator: "
         + (f"{r['alloc_retries']} retries (cache freed, device stalled) in the measured steps"

@@ -283,8 +283,10 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
 
     def step_counts(mbs):
         c = orig_counts(mbs)
-        for mb in mbs:
-            shapes.add(0 if mb.pixel_values is None else mb.pixel_values.shape[0], marks.active)
+        shapes.add_step(
+            [0 if mb.pixel_values is None else mb.pixel_values.shape[0] for mb in mbs],
+            marks.active,
+        )
         if marks.active:
             counts.append({**c, "row_slots": sum(mb.input_ids.numel() for mb in mbs)})
             # The same batches' model FLOPs at the flavor's full LLM depth.
@@ -398,6 +400,9 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         # that no earlier step had.
         "vision_micro_batches": shapes.measured,
         "vision_new_tile_counts": shapes.new,
+        # Per measured step: the vision bucket and whether a micro-batch had a new tile count.
+        "vision_ms_per_step": [st.get("vision", 0.0) for st in marks.per_step_ms()],
+        "vision_new_per_step": shapes.new_per_step,
         "reference_samples_per_s": ref,
         "ratio_to_reference": sps / ref,
         "full_depth_estimate_samples_per_s": (

@@ -53,7 +53,7 @@ run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared 
   # to the summary. RUN_ENV="VAR=value ..." in front of a call sets environment for that run alone.
   local name=$1
   timed "$1" "$2" env ${RUN_ENV:-} $B "${@:3}" ${EXTRA:-} || return 0
-  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|allocator|vision batches|ratio|full-depth|OPTIMIZER|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
+  grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|allocator|vision batches|vision ms per|ratio|full-depth|OPTIMIZER|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
     "$OUT/$name.log" | log
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | log
 }

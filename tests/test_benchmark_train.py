@@ -34,6 +34,7 @@ FIGURES = [
     "peak memory:",
     "allocator:",
     "vision batches:",
+    "vision ms per measured step:",
     "ratio to reference:",
     "shipped tiny tokenizer",
 ]
@@ -70,6 +71,15 @@ def test_new_vision_shapes_are_counted_in_the_measured_steps_only():
     for tiles in (33, 40, 0, 40, 29, 12):
         shapes.add(tiles, measured=True)
     assert (shapes.measured, shapes.new) == (5, 2)  # 40 and 12; the text-only one not counted
+
+
+def test_new_vision_shapes_are_flagged_per_measured_step():
+    shapes = NewShapes()
+    shapes.add_step([33, 29], measured=False)
+    for step in ([33, 40], [0, 29], [40, 12], [12]):
+        shapes.add_step(step, measured=True)
+    assert shapes.new_per_step == [True, False, True, False]
+    assert (shapes.measured, shapes.new) == (6, 2)
 
 
 def test_breakdown_charges_segments():
@@ -254,6 +264,10 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     # Micro-batches with images among the measured ones, and those whose tile count is new.
     assert 0 <= r["vision_new_tile_counts"] <= r["vision_micro_batches"]
     assert r["vision_micro_batches"] >= (2 if stage == 1 else 1)
+    # Per measured step: the vision bucket, and whether a new tile count came in that step.
+    assert len(r["vision_ms_per_step"]) == len(r["vision_new_per_step"]) == 2
+    assert sum(r["vision_new_per_step"]) <= r["vision_new_tile_counts"]
+    assert sum(r["vision_ms_per_step"]) / 2 == pytest.approx(r["breakdown_ms"]["vision"])
     elapsed = r["step_time_s"] * 2
     assert r["tokens_per_s"] == pytest.approx(r["text_tokens_per_s"] + r["image_tokens_per_s"])
     assert r["samples_per_s"] * elapsed == pytest.approx(round(r["samples_per_s"] * elapsed))
