@@ -65,7 +65,12 @@ def report(r: dict) -> str:
             + "".join(f" {k}={v!r}" for k, v in r["inductor_options"].items())
             + f", last LLM block trimmed {r['trim_last_block']}, "
             f"logits at {'every position' if r['full_logits'] else 'loss positions only'}, "
-            f"attention {r['attn_backend']} (packed rows on torch varlen: {r['torch_varlen']}), "
+            f"attention {r['attn_backend']} (packed rows on torch varlen: {r['torch_varlen']}"
+            + (f"; flash implementation {r['flash_attention_impl']}: "
+               f"{r['fa4_calls_measured']['forward']} forward and "
+               f"{r['fa4_calls_measured']['backward']} backward FA4 kernel calls in the measured "
+               "steps" if r.get("flash_attention_impl") else "")
+            + "), "
             f"step check deferred {r['deferred_check']}, {r['num_workers']} data workers"
         ),
         (

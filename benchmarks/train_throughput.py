@@ -42,7 +42,7 @@ from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum
 from titan_llava.metrics import alloc_conf
 from titan_llava.metrics import step_counts as step_counts_of
-from titan_llava.models import attention
+from titan_llava.models import attention, fa4_compat
 from titan_llava.models.args import LLAVA_FLAVORS
 from titan_llava.step_check import is_sync_warning
 from titan_llava.trainer import Trainer
@@ -261,6 +261,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
             if cuda:
                 torch.cuda.synchronize()  # between steps: the window starts on an idle device
             marks.active, clock["start"] = True, time.perf_counter()
+            clock["fa4_calls"] = dict(fa4_compat.calls)
             if cuda:
                 clock["retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
             if cuda and a.sync_debug:
@@ -372,6 +373,9 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         # Whether the step's numbers were read a step later (fused AdamW) or before each update.
         "deferred_check": trainer.step_check.defer,
         "attn_backend": trainer.cfg.model.attn_backend,
+        "flash_attention_impl": trainer.cfg.model.flash_attention_impl,
+        # Calls of the flash-attention 4 kernels in the measured steps (proof they ran there).
+        "fa4_calls_measured": {k: v - clock["fa4_calls"][k] for k, v in fa4_compat.calls.items()},
         # What the LLM's packed rows ran on (activations are bf16 on CUDA, fp32 on CPU).
         "torch_varlen": a.packing
         and trainer.cfg.model.attn_backend == "sdpa"

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from kernel_profile import category, format_phases, phase_table, summarise, union_length
 from step_marks import StepMarks
 from synthetic_data import write_dataset
-from throughput_report import NewShapes
+from throughput_report import NewShapes, report
 
 from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS, num_image_tokens
 
@@ -266,6 +266,15 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     assert r["vision_micro_batches"] >= (2 if stage == 1 else 1)
     # Per measured step: the vision bucket, and whether a new tile count came in that step.
     assert len(r["vision_ms_per_step"]) == len(r["vision_new_per_step"]) == 2
+    # No flash implementation asked for: none named, no FA4 kernel calls.
+    assert r["flash_attention_impl"] == ""
+    assert r["fa4_calls_measured"] == {"forward": 0, "backward": 0}
+    # With FA4 (a GPU run), the config line names it and its kernel calls in the measured steps.
+    fa4 = report({**r, "flash_attention_impl": "FA4",
+                  "fa4_calls_measured": {"forward": 64, "backward": 64}})
+    assert ("flash implementation FA4: 64 forward and 64 backward FA4 kernel calls in the "
+            "measured steps") in fa4
+    assert "flash implementation" not in report(r)
     assert sum(r["vision_new_per_step"]) <= r["vision_new_tile_counts"]
     assert sum(r["vision_ms_per_step"]) / 2 == pytest.approx(r["breakdown_ms"]["vision"])
     elapsed = r["step_time_s"] * 2
