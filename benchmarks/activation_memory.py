@@ -40,13 +40,16 @@ from titan_llava.models.vicuna import VicunaBlock, rope_tables  # noqa: E402
 GIB = 1024**3
 
 
+def _block_inputs(block: VicunaBlock, tokens: int, dtype: torch.dtype):
+    """One row of `tokens` hidden states (requiring grad) and its RoPE tables, [1, S, D]."""
+    x = torch.randn(1, tokens, block.attention.wq.in_features, dtype=dtype, requires_grad=True)
+    cos, sin = rope_tables(block.attention.head_dim, tokens, 10000.0)
+    return x, cos[None].to(dtype), sin[None].to(dtype)
+
+
 def saved_bytes(block: VicunaBlock, tokens: int, dtype: torch.dtype) -> int:
     """Bytes of distinct storages autograd saves for one forward of `block` over `tokens`."""
-    args_dim = block.attention.wq.in_features
-    x = torch.randn(1, tokens, args_dim, dtype=dtype, requires_grad=True)
-    head_dim = block.attention.head_dim
-    cos, sin = rope_tables(head_dim, tokens, 10000.0)
-    cos_BSD, sin_BSD = cos[None].to(dtype), sin[None].to(dtype)
+    x, cos_BSD, sin_BSD = _block_inputs(block, tokens, dtype)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     seen: dict[int, int] = {}
 
@@ -94,10 +97,7 @@ def retained_bytes(block: nn.Module, tokens: int, dtype: torch.dtype) -> int:
     (whose transposed views ops return) excluded; then runs the backward."""
     import gc
 
-    dim = block.attention.wq.in_features
-    x = torch.randn(1, tokens, dim, dtype=dtype, requires_grad=True)
-    cos, sin = rope_tables(block.attention.head_dim, tokens, 10000.0)
-    cos_BSD, sin_BSD = cos[None].to(dtype), sin[None].to(dtype)
+    x, cos_BSD, sin_BSD = _block_inputs(block, tokens, dtype)
     with _Storages() as mode:
         out = block(x, cos_BSD, sin_BSD, None)
     gc.collect()

@@ -45,8 +45,9 @@ class Model:
     flash_attention_impl: Literal["", "FA3", "FA4"] = ""
     """With attn_backend "sdpa" on CUDA: the flash-attention implementation torch's kernels
     route to (torch >= 2.11's `activate_flash_attention_impl`; the package must be installed:
-    FA3 = flash-attention's Hopper build, FA4 = its CuTe DSL). "" = torch's own (FA2-class). The
-    trainer checks it once against fp32 SDPA before building the model. Not yet measured here."""
+    FA3 = flash-attention's Hopper build, FA4 = PyPI's flash-attn-4, run through
+    models/fa4_compat.py). "" = torch's own (FA2-class). The trainer checks it once against fp32
+    SDPA before building the model. Not yet measured here."""
     image_aspect_ratio: Literal["anyres", "pad", "resize"] = "anyres"
     """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize)."""
     grid_pinpoints: list[tuple[int, int]] = field(

@@ -62,7 +62,8 @@ class DeviceMemory:
                 "last log (each retry stalls the device; peak %.1f GiB): memory is near full or "
                 "fragmented (%s). 'expandable_segments:True' (run_train.sh's "
                 "default) is meant to avoid those fragmentation causes; less memory per step "
-                "(activation checkpointing, shorter rows) the others. Warned once; the metrics keep counting (alloc_retries).",
+                "(activation checkpointing, shorter rows) the others. Warned once; the metrics "
+                "keep counting (alloc_retries).",
                 retries, peak, alloc_conf() or "allocator settings not set",
             )
         return peak, retries

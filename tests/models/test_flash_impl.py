@@ -238,16 +238,20 @@ def _fake_fa4_interface(fwd_values: int, bwd_values: int) -> types.ModuleType:
     return mod
 
 
+def _install_fa4(monkeypatch, mod: types.ModuleType) -> types.ModuleType:
+    """`mod` importable as flash_attn.cute.interface for the test."""
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = mod
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, fa4_compat.FA4_MODULE, mod)
+    return mod
+
+
 @pytest.fixture
 def fake_fa4(monkeypatch):
     def install(fwd_values=5, bwd_values=4):
-        mod = _fake_fa4_interface(fwd_values, bwd_values)
-        cute = types.ModuleType("flash_attn.cute")
-        cute.interface = mod
-        monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
-        monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
-        monkeypatch.setitem(sys.modules, fa4_compat.FA4_MODULE, mod)
-        return mod
+        return _install_fa4(monkeypatch, _fake_fa4_interface(fwd_values, bwd_values))
 
     return install
 
@@ -434,11 +438,7 @@ def fa4_reference(monkeypatch):
                                     window_size_right, softmax_scale, dout) + (None,)
 
     mod._flash_attn_fwd, mod._flash_attn_bwd, mod.seen = fwd, bwd, seen
-    cute = types.ModuleType("flash_attn.cute")
-    cute.interface = mod
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
-    monkeypatch.setitem(sys.modules, fa4_compat.FA4_MODULE, mod)
+    _install_fa4(monkeypatch, mod)
     lib = torch.library.Library("aten", "IMPL", "CPU")
     lib.impl(fa4_compat.OPS[0], fa4_compat.flash_forward, "CPU")
     lib.impl(fa4_compat.OPS[1], fa4_compat.flash_backward, "CPU")
