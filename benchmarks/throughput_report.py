@@ -60,6 +60,10 @@ def report(r: dict) -> str:
                and r.get("ac_option", "op") != "op" else "")
             + ("" if set(r.get("ac_components", ("llm", "vision"))) == {"llm", "vision"}
                or r["ac"] == "none" else f" ({'+'.join(r['ac_components']) or 'no tower'} only)")
+            + "".join(
+                f", the last {n} {tower.replace('llm', 'LLM')} blocks without AC"
+                for tower, n in r.get("ac_without", {}).items() if n and r["ac"] != "none"
+            )
             + ", "
             f"compile {r['compile']}"
             + "".join(f" {k}={v!r}" for k, v in r["inductor_options"].items())

@@ -366,6 +366,10 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         "ac": a.ac,
         "ac_option": trainer.cfg.activation_checkpoint.selective_ac_option,
         "ac_components": trainer.cfg.activation_checkpoint.components,
+        "ac_without": {
+            "llm": trainer.cfg.activation_checkpoint.llm_layers_without_ac,
+            "vision": trainer.cfg.activation_checkpoint.vision_layers_without_ac,
+        },
         "compile": a.compile,
         "trim_last_block": a.trim_last_block and not a.full_logits,
         "full_logits": a.full_logits,

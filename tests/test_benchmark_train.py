@@ -225,7 +225,8 @@ def test_phase_table_attributes_kernels_and_idle_to_the_launching_phase():
     "stage,extra",
     [
         (1, ["--no-trim-last-block", "--optimizer.implementation", "fused", "--sgd-standin",
-             "--inductor", "triton.autotune_pointwise=False"]),
+             "--inductor", "triton.autotune_pointwise=False",
+             "--activation_checkpoint.llm_layers_without_ac", "1"]),
         (2, ["--llm-layers", "1", "--profile", "prof", "--optimizer.implementation", "fused",
              "--no-defer-check", "--full-logits", "--activation_checkpoint.components", "llm"]),
     ],
@@ -325,6 +326,9 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     assert r["ac"] == "full"
     assert r["ac_components"] == (["llm"] if stage == 2 else ["llm", "vision"])
     assert ("AC full (llm only)," in proc.stdout) == (stage == 2)
+    # Stage 1 leaves the last of its 2 LLM blocks without AC: in the report's config line.
+    assert r["ac_without"] == {"llm": 1 if stage == 1 else 0, "vision": 0}
+    assert ("AC full, the last 1 LLM blocks without AC," in proc.stdout) == (stage == 1)
     # Stage 1 untrims the last block itself; stage 2 by computing logits on every position.
     assert not r["trim_last_block"]
     assert r["full_logits"] == (stage == 2)

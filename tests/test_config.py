@@ -125,6 +125,10 @@ def test_validate_batch_and_parallelism():
         (["--model.grid_pinpoints", "[[300, 672]]"], "model.grid_pinpoints"),
         (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
           "x"], "selective_ac_option"),
+        (["--activation_checkpoint.llm_layers_without_ac", "-1"],
+         "activation_checkpoint.llm_layers_without_ac must be >= 0"),
+        (["--activation_checkpoint.vision_layers_without_ac", "-2"],
+         "activation_checkpoint.vision_layers_without_ac must be >= 0"),
         (["--checkpoint.initial_load_in_hf"], "checkpoint.initial_load_in_hf"),
         (["--training.steps", "0"], "training.steps"),
         (["--compile.components", "llm,projector"], "compile.components"),
@@ -251,3 +255,31 @@ def test_out_of_range_counts_name_the_key(key, value):
     cfg = load_config([f"--{key}", value])
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "argv, vocab, needle",
+    [
+        (["--activation_checkpoint.llm_layers_without_ac", "3"], 1000,
+         "activation_checkpoint.llm_layers_without_ac (3) exceeds the 2 blocks the model has"),
+        (["--activation_checkpoint.vision_layers_without_ac", "3"], 1000,
+         "activation_checkpoint.vision_layers_without_ac (3) exceeds the 2 blocks the model has"),
+        ([], 1025, "model.tokenizer_path: the tokenizer has 1025 pieces but the model's vocabulary "
+                   "has 1024 rows"),
+    ],
+)
+def test_rules_against_the_architecture_name_the_key(argv, vocab, needle):
+    """What needs the resolved architecture (the debug flavor: 2 LLM blocks, 2 of 3 CLIP blocks built,
+    1024 vocabulary rows) is checked before any model exists; the limits themselves pass."""
+    from titan_llava.config_validate import validate_against_architecture
+    from titan_llava.models.args import LLAVA_FLAVORS
+
+    args = LLAVA_FLAVORS["debug"]
+    assert (args.llm.n_layers, args.vision.n_built_layers, args.llm.vocab_size) == (2, 2, 1024)
+    with pytest.raises(ValueError) as e:
+        validate_against_architecture(load_config(argv), args, vocab)
+    assert needle in str(e.value)
+    validate_against_architecture(
+        load_config(["--activation_checkpoint.llm_layers_without_ac", "2",
+                     "--activation_checkpoint.vision_layers_without_ac", "2"]), args, 1024
+    )

@@ -201,6 +201,12 @@ class ActivationCheckpoint:
     components: list[str] = field(default_factory=lambda: ["llm", "vision"])
     """Which towers' blocks the mode applies to: "llm", "vision" (the other runs without AC; a
     frozen vision tower never checkpoints, it runs without autograd)."""
+    llm_layers_without_ac: int = 0
+    """The last N LLM blocks run without AC whatever the mode: spare memory buys back their
+    recompute (~0.84 GiB per 7B block at 8192 tokens over selective "op", compiled;
+    benchmarks/README.md). 0 = every block follows the mode."""
+    vision_layers_without_ac: int = 0
+    """The same for the vision tower's last N blocks (a trainable tower only)."""
 
 
 @dataclass

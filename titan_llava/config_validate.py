@@ -98,6 +98,8 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         ("checkpoint.interval", c.interval, 1),
         ("checkpoint.keep_latest_k", c.keep_latest_k, 0),
         ("metrics.log_freq", cfg.metrics.log_freq, 1),
+        ("activation_checkpoint.llm_layers_without_ac", ac.llm_layers_without_ac, 0),
+        ("activation_checkpoint.vision_layers_without_ac", ac.vision_layers_without_ac, 0),
     ):
         if value < low:
             raise ValueError(f"{key} must be >= {low}, got {value}")
@@ -115,6 +117,25 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
             f"model.flavor {cfg.model.flavor!r} is not one of {sorted(LLAVA_FLAVORS)}"
             f"{suggest(cfg.model.flavor, LLAVA_FLAVORS)}"
         )
+
+
+def validate_against_architecture(cfg: JobConfig, args, tokenizer_vocab_size: int) -> None:
+    """Rules that need the resolved architecture (`args`: LlavaNextArgs, which may come from
+    Hugging Face config.json files): checked before any model or data exists."""
+    if tokenizer_vocab_size > args.llm.vocab_size:
+        raise ValueError(
+            f"model.tokenizer_path: the tokenizer has {tokenizer_vocab_size} pieces but the "
+            f"model's vocabulary has {args.llm.vocab_size} rows"
+        )
+    ac = cfg.activation_checkpoint
+    for key, value, blocks in (
+        ("llm_layers_without_ac", ac.llm_layers_without_ac, args.llm.n_layers),
+        ("vision_layers_without_ac", ac.vision_layers_without_ac, args.vision.n_built_layers),
+    ):
+        if value > blocks:
+            raise ValueError(
+                f"activation_checkpoint.{key} ({value}) exceeds the {blocks} blocks the model has"
+            )
 
 
 def validate_paths(cfg: JobConfig) -> None:

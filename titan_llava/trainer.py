@@ -22,6 +22,7 @@ from titan_llava.checkpoint import (
 )
 from titan_llava.checkpoint_io import fault_point, maybe_crash, maybe_sigterm
 from titan_llava.config import JobConfig
+from titan_llava.config_validate import validate_against_architecture
 from titan_llava.data.batch import Batch
 from titan_llava.data.dataset import LlavaDataset
 from titan_llava.data.loader import build_data_loader
@@ -68,11 +69,7 @@ class Trainer:
             with open(os.path.join(cfg.job.dump_folder, MODEL_ARGS_FILE), "w") as f:
                 json.dump(llava_args_to_dict(self.model_args), f, indent=2)
             logger.info(f"resolved config and architecture written to {path}, {MODEL_ARGS_FILE}")
-        if self.tokenizer.vocab_size > self.model_args.llm.vocab_size:
-            raise ValueError(
-                f"model.tokenizer_path: the tokenizer has {self.tokenizer.vocab_size} pieces but the "
-                f"model's vocabulary has {self.model_args.llm.vocab_size} rows"
-            )
+        validate_against_architecture(cfg, self.model_args, self.tokenizer.vocab_size)
 
         # An opt-in flash implementation is activated and checked before any model or data exists.
         flash_impl.activate(

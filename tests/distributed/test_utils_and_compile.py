@@ -203,6 +203,26 @@ def test_activation_checkpointing_applies_to_the_named_towers_only(components):
         assert wrapped == [name in components] * len(wrapped), (name, wrapped)
 
 
+@pytest.mark.parametrize("llm_without, vision_without", [(1, 0), (0, 2), (2, 1)])
+def test_layers_without_ac_leave_the_last_blocks_of_each_tower_unchecked(
+    llm_without, vision_without
+):
+    """activation_checkpoint.{llm,vision}_layers_without_ac: the last N blocks of that tower run
+    without AC, the blocks before them keep the mode; the config key reaches parallelize_llava."""
+    from titan_llava.distributed.parallelize import _CheckpointedBlock
+
+    args = copy.deepcopy(LLAVA_FLAVORS["debug"])
+    model = LlavaNext(args)
+    cfg = load_config(["--activation_checkpoint.mode", "selective",
+                       "--activation_checkpoint.llm_layers_without_ac", str(llm_without),
+                       "--activation_checkpoint.vision_layers_without_ac", str(vision_without),
+                       "--training.trainable", "projector,llm,vision"])  # fmt: skip
+    parallelize_llava(model, None, cfg)
+    for tower, without in ((model.language_model, llm_without), (model.vision_tower, vision_without)):
+        wrapped = [isinstance(b, _CheckpointedBlock) for b in tower.layers.values()]
+        assert wrapped == [True] * (len(wrapped) - without) + [False] * without, wrapped
+
+
 class _MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -251,3 +271,36 @@ def test_ac_policies_recompute_the_matmuls_they_say(mode, option, recomputed):
     assert counts[1] - counts[0] == recomputed, counts
     for p_ref, p in zip(ref.parameters(), block.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode, option, per_block", [("full", "op", 4), ("selective", "op", 2), ("selective", "2", 4)])
+@pytest.mark.parametrize("without_ac", [0, 1, 3])
+def test_blocks_without_ac_recompute_nothing(mode, option, per_block, without_ac):
+    """Three blocks, the last `without_ac` of them without AC: only the others recompute (every
+    N-th block counts from the first: with "2", blocks 0 and 2). Gradients do not change."""
+    from titan_llava.distributed.parallelize import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(*(_MLPBlock() for _ in range(3)))
+    model = copy.deepcopy(ref)
+    apply_activation_checkpointing(
+        torch.nn.ModuleDict({str(i): b for i, b in enumerate(model)}), mode, option, without_ac
+    )
+    checkpointed = [i for i in range(3 - without_ac) if option != "2" or i % 2 == 0]
+    x = torch.randn(5, 8)
+    counts = []
+    for m in (ref, model):
+        with _MatmulCount() as counter:
+            m(x).square().sum().backward()
+        counts.append(counter.n)
+    assert counts[1] - counts[0] == per_block * len(checkpointed), counts
+    for p_ref, p in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=0)
+
+
+def test_blocks_without_ac_cannot_exceed_the_blocks():
+    from titan_llava.distributed.parallelize import apply_activation_checkpointing
+
+    blocks = torch.nn.ModuleDict({"0": _MLPBlock(), "1": _MLPBlock()})
+    with pytest.raises(ValueError, match=r"without_ac must be in \[0, 2\].*got 3"):
+        apply_activation_checkpointing(blocks, "full", "op", 3)

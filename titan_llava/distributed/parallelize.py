@@ -128,12 +128,18 @@ def checkpoint_block(block: nn.Module, op_policy: str = "") -> None:
     block._ac_op_policy = op_policy
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, option: str = "op") -> None:
+def apply_activation_checkpointing(
+    blocks: nn.ModuleDict, mode: str, option: str = "op", without_ac: int = 0
+) -> None:
     """mode none | full | selective; selective option "op" / "op_all_mm" (per-op policies) or N
-    (every N-th block)."""
+    (every N-th block). The last `without_ac` blocks are left without AC whatever the mode."""
+    if not 0 <= without_ac <= len(blocks):
+        raise ValueError(f"without_ac must be in [0, {len(blocks)}] (the blocks), got {without_ac}")
     if mode == "none":
         return
     for i, block in enumerate(blocks.values()):
+        if i >= len(blocks) - without_ac:
+            break
         if mode == "full":
             checkpoint_block(block)
         elif option in _OP_POLICIES:
@@ -238,7 +244,8 @@ def parallelize_llava(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Modu
         # The LLM always sits before the loss of whatever trains, so it keeps the policy.
         if name == "vision" and not any(p.requires_grad for p in model.vision_tower.parameters()):
             continue
-        apply_activation_checkpointing(blocks, ac.mode, ac.selective_ac_option)
+        without_ac = getattr(ac, f"{name}_layers_without_ac")
+        apply_activation_checkpointing(blocks, ac.mode, ac.selective_ac_option, without_ac)
     if cfg.compile.enable:
         for name in cfg.compile.components:
             # flash-attn's kernels run only in the LLM; the vision tower always uses SDPA.
