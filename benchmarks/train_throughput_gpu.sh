@@ -206,45 +206,50 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
   run s2_sacop_foreach 120 $S2 --ac selective --optimizer.implementation foreach
   run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   ;;
-round8)  # after round 7. Where flash-attention 4 is installed (benchmarks/fa4_site.sh), first
-  # its kernel check and stage 1 with it. Stage 1's shipped config with the allocator's defaults, then with
-  # expandable segments (now run_train.sh's and the benchmark's default; round 7's trace had a
-  # 26.5 ms cudaFree stall at the step's peak), then its profile (is the stall gone?). Stage 2 at
-  # the full depth with selective AC again (its allocator retries), then its kernel profile: the
-  # LLM blocks are FSDP units there, and whether their RoPE gets round 6's slow split launch is
-  # open. Then what round 7 left: the tower as one FSDP unit, with selective AC at 8 layers run
-  # twice around it (the vision bucket's spread was 78 ms in round 7), AC full on the LLM only.
-  # Selective AC "op_all_mm" (every matmul saved: round 7's no-AC gain at 8 layers was the LLM's
-  # recomputed matmuls, and no AC does not fit at the full depth) at 8 layers beside "op", then at
-  # the full depth if its 8-layer memory says it fits.
+round8)  # after round 7, in order of priority for the 2x targets (a call rarely gets through all):
+  # 1. where flash-attention 4 is installed (benchmarks/fa4_site.sh), its kernel check and stage 1
+  #    with it; s1_repl is the same call's baseline;
+  # 2. stage 2 at the full depth: selective AC "op" (the shipped policy, the baseline), with FA4,
+  #    "op_all_mm" (every matmul saved: round 7's no-AC gain at 8 layers was the LLM's recomputed
+  #    matmuls; ~+8 GiB by activation_memory.py), then "op_all_mm" with the last 12 LLM blocks
+  #    without AC (~+0.6 GiB each; no AC at all does not fit), and that with FA4;
+  # 3. stage 1 with the allocator's defaults against expandable segments (now run_train.sh's and
+  #    the benchmark's default; round 7's trace had a 26.5 ms cudaFree stall at the step's peak),
+  #    stage 1's profile (is the stall gone?), stage 2's full-depth kernel profile (its LLM blocks
+  #    are FSDP units: whether their RoPE gets round 6's slow split launch is open);
+  # 4. what round 7 left: at 8 layers "op" and "op_all_mm", the tower as one FSDP unit, "op" again
+  #    (the vision bucket's spread was 78 ms in round 7); at the full depth "op" with the last 20
+  #    LLM blocks without AC (~+0.84 GiB each), AC full on the LLM only.
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
   S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin"
+  MM="--ac selective --activation_checkpoint.selective_ac_option op_all_mm"
+  FA4="--model.flash_attention_impl FA4"
   fa4=0  # flash-attention 4 importable (benchmarks/fa4_site.sh install)?
   python -c "import flash_attn.cute.interface" >/dev/null 2>&1 && fa4=1
   if (( fa4 )); then
-    # flash-attention 4 (benchmarks/fa4_site.sh) for the LLM's attention, 19% of stage 1's step
-    # on torch's FA2-class kernel: its parity and speed alone (the first call compiles its
-    # kernels), then stage 1 with it; s1_repl below is the same call's baseline.
+    # flash-attention 4 for the LLM's attention, 19% of stage 1's step on torch's FA2-class
+    # kernel: its parity and speed alone (the first call compiles its kernels), then stage 1.
     MICRO_TAIL=20 micro attention_fa4 150 python benchmarks/attention_kernel.py --flash-impl FA4
-    run s1_repl_fa4 180 $S1 $P1 --model.flash_attention_impl FA4
+    run s1_repl_fa4 180 $S1 $P1 $FA4
   else
     echo "flash-attention 4 not importable: FA4 runs skipped (benchmarks/fa4_site.sh)" | log
   fi
-  RUN_ENV="PYTORCH_CUDA_ALLOC_CONF=" run s1_alloc_default 100 $S1 $P1
   run s1_repl 100 $S1 $P1
-  run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_full_sgd_sacop 230 $S2F --ac selective
-  if (( fa4 )); then
-    run s2_full_sgd_sacop_fa4 250 $S2F --ac selective --model.flash_attention_impl FA4
-  fi
+  (( fa4 )) && run s2_full_sgd_sacop_fa4 250 $S2F --ac selective $FA4
+  run s2_full_sgd_sacmm 230 $S2F $MM
+  run s2_full_sgd_sacmm_noac12 230 $S2F $MM --activation_checkpoint.llm_layers_without_ac 12
+  (( fa4 )) && run s2_full_sgd_sacmm_noac12_fa4 250 $S2F $MM --activation_checkpoint.llm_layers_without_ac 12 $FA4
+  RUN_ENV="PYTORCH_CUDA_ALLOC_CONF=" run s1_alloc_default 100 $S1 $P1
+  run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_full_sgd_sacop_prof 150 --stage 2 --grad-accum 1 --steps 2 --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin --ac selective --profile "$OUT/prof_s2f"
   run s2_sacop 200 $S2 --ac selective
-  run s2_sacmm 150 $S2 --ac selective --activation_checkpoint.selective_ac_option op_all_mm
+  run s2_sacmm 150 $S2 $MM
   run s2_sacop_visiontower 150 $S2 --ac selective --parallelism.fsdp_vision_unit tower
   run s2_sacop_again 120 $S2 --ac selective
-  run s2_full_sgd_sacmm 230 $S2F --ac selective --activation_checkpoint.selective_ac_option op_all_mm
+  run s2_full_sgd_sacop_noac20 230 $S2F --ac selective --activation_checkpoint.llm_layers_without_ac 20
   run s2_full_sgd_acfull_llmonly 150 $S2F --ac full --activation_checkpoint.components llm
   ;;
 probe)  # only the deferred-step-check probe (seconds)
