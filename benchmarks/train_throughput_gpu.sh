@@ -219,7 +219,8 @@ round8)  # after round 7, in order of priority for the 2x targets (a call rarely
   #    are FSDP units: whether their RoPE gets round 6's slow split launch is open);
   # 4. what round 7 left: at 8 layers "op" and "op_all_mm", the tower as one FSDP unit, "op" again
   #    (the vision bucket's spread was 78 ms in round 7); at the full depth "op" with the last 20
-  #    LLM blocks without AC (~+0.84 GiB each), AC full on the LLM only.
+  #    LLM blocks without AC (~+0.84 GiB each), AC full on the LLM only;
+  # 5. same-call before/afters of stage 1's compile and packing, and of fused vs foreach AdamW.
   S1="--stage 1 --steps ${STEPS:-6}"
   S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192"
   P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true"
@@ -251,6 +252,12 @@ round8)  # after round 7, in order of priority for the 2x targets (a call rarely
   run s2_sacop_again 120 $S2 --ac selective
   run s2_full_sgd_sacop_noac20 230 $S2F --ac selective --activation_checkpoint.llm_layers_without_ac 20
   run s2_full_sgd_acfull_llmonly 150 $S2F --ac full --activation_checkpoint.components llm
+  # 5. same-call before/afters the issue asks for and earlier rounds ran across calls: stage 1's
+  #    shipped config without compile, without packing (4 rows padded to the longest), and stage
+  #    2's foreach AdamW beside fused (s2_sacop and s2_sacop_again: the vision bucket's spread).
+  run s1_repl_eager 120 $S1 ${P1/--compile/}
+  run s1_repl_nopack 120 --stage 1 --steps ${STEPS:-6} --local-batch-size 4 --no-packing --ac none --compile --parallelism.replicate_frozen true
+  run s2_sacop_foreach 150 $S2 --ac selective --optimizer.implementation foreach
   ;;
 probe)  # only the deferred-step-check probe (seconds)
   defer_probe 60
