@@ -209,10 +209,11 @@ round7)  # after round 6 (which ran out of time at stage 2 with selective AC: it
 round8)  # after round 7, in order of priority for the 2x targets (a call rarely gets through all):
   # 1. where flash-attention 4 is installed (benchmarks/fa4_site.sh), its kernel check and stage 1
   #    with it; s1_repl is the same call's baseline;
-  # 2. stage 2 at the full depth: selective AC "op" (the shipped policy, the baseline), with FA4,
+  # 2. stage 2 at the full depth: selective AC "op" (the shipped policy, the baseline),
   #    "op_all_mm" (every matmul saved: round 7's no-AC gain at 8 layers was the LLM's recomputed
-  #    matmuls; ~+8 GiB by activation_memory.py), then "op_all_mm" with the last 12 LLM blocks
-  #    without AC (~+0.6 GiB each; no AC at all does not fit), and that with FA4;
+  #    matmuls; ~+8 GiB by activation_memory.py; ~-7% of the step by estimate), that with FA4
+  #    (the best candidate), "op_all_mm" with the last 12 LLM blocks without AC (~+0.6 GiB each;
+  #    no AC at all does not fit), then "op" with FA4 (FA4's own share in stage 2);
   # 3. stage 1 with the allocator's defaults against expandable segments (now run_train.sh's and
   #    the benchmark's default; round 7's trace had a 26.5 ms cudaFree stall at the step's peak),
   #    stage 1's profile (is the stall gone?), stage 2's full-depth kernel profile (its LLM blocks
@@ -239,10 +240,10 @@ round8)  # after round 7, in order of priority for the 2x targets (a call rarely
   fi
   run s1_repl 100 $S1 $P1
   run s2_full_sgd_sacop 230 $S2F --ac selective
-  (( fa4 )) && run s2_full_sgd_sacop_fa4 250 $S2F --ac selective $FA4
   run s2_full_sgd_sacmm 230 $S2F $MM
+  (( fa4 )) && run s2_full_sgd_sacmm_fa4 250 $S2F $MM $FA4
   run s2_full_sgd_sacmm_noac12 230 $S2F $MM --activation_checkpoint.llm_layers_without_ac 12
-  (( fa4 )) && run s2_full_sgd_sacmm_noac12_fa4 250 $S2F $MM --activation_checkpoint.llm_layers_without_ac 12 $FA4
+  (( fa4 )) && run s2_full_sgd_sacop_fa4 250 $S2F --ac selective $FA4
   RUN_ENV="PYTORCH_CUDA_ALLOC_CONF=" run s1_alloc_default 100 $S1 $P1
   run s1_repl_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1r"
   run s2_full_sgd_sacop_prof 150 --stage 2 --grad-accum 1 --steps 2 --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin --ac selective --profile "$OUT/prof_s2f"
