@@ -44,6 +44,7 @@ from titan_llava.metrics import alloc_conf
 from titan_llava.metrics import step_counts as step_counts_of
 from titan_llava.models import attention, fa4_compat
 from titan_llava.models.args import LLAVA_FLAVORS
+from titan_llava.optim import build_lr_scheduler
 from titan_llava.step_check import is_sync_warning
 from titan_llava.trainer import Trainer
 
@@ -471,14 +472,19 @@ class _StandinSGD(torch.optim.SGD):
 def sgd_standin(trainer: Trainer) -> None:
     """Replace the trainer's AdamW, before its first step (so it never allocates its moments), by
     SGD without momentum or weight decay (no state) over the same parameter groups and learning
-    rates. The trainer's step check stays as it was (deferred with fused AdamW on CUDA)."""
-    groups = [
-        {"params": g["params"], "lr": g["lr"], "name": g.get("name")}
+    rates, with a new LR schedule driving it (the old one would keep scheduling the AdamW). The
+    trainer's step check stays as it was (deferred with fused AdamW on CUDA). Benchmark runs save
+    no checkpoint: the checkpointer still holds the AdamW."""
+    if trainer.cfg.checkpoint.enable:
+        raise ValueError("--sgd-standin is for runs without checkpoints (checkpoint.enable false)")
+    groups = [  # base rates: the scheduler has already scaled "lr" by its first factor
+        {"params": g["params"], "lr": g.get("initial_lr", g["lr"]), "name": g.get("name")}
         for g in trainer.optimizer.param_groups
     ]
     trainer.optimizer = _StandinSGD(
         groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=0.0, foreach=True
     )
+    trainer.lr_scheduler = build_lr_scheduler(trainer.optimizer, trainer.cfg, trainer.total_steps)
     trainer.step_check.optimizer = trainer.optimizer  # arms (and drops) found_inf on it
 
 

@@ -269,11 +269,13 @@ round7h200)  # one H200 (kind nvidia-h200): stage 2 at the FULL depth with the r
   # real depth with no estimate. Then the SGD stand-in without AC (~90 GiB by round 6's figures):
   # the per-GPU work of the 8-GPU config with no AC (there the sharded fp32 state is ~14 GB).
   # Same flags as round 6's s2_full_sgd_acfull otherwise; H200 figures are not compared with H100's.
-  # The limits add up to more than one call: BUDGET_S=520 runs the AdamW pair, then
-  # ONLY="s2_full_sgd_noac s2_full_sgd_acfull" on the warm machine.
+  # The limits add up to more than one call: BUDGET_S=520 runs the first AdamW pair, then
+  # ONLY="s2_full_adamw_sacmm s2_full_sgd_noac s2_full_sgd_acfull" on the warm machine.
   S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192"
   run s2_full_adamw_acfull 200 $S2F --ac full
   run s2_full_adamw_sacop 240 $S2F --ac selective
+  # "op_all_mm" (session 10; ~+8 GiB over "op" by activation_memory.py): with AdamW's real step.
+  run s2_full_adamw_sacmm 240 $S2F --ac selective --activation_checkpoint.selective_ac_option op_all_mm
   run s2_full_sgd_noac 200 $S2F --sgd-standin --ac none
   run s2_full_sgd_acfull 150 $S2F --sgd-standin --ac full
   ;;

@@ -478,3 +478,43 @@ def test_attention_kernel_flop_count_by_hand():
     # Documents of 3 and 2 tokens: 6 + 3 causal pairs; 2 heads x 4 dims: 4 * 8 FLOPs per pair.
     assert attention_flops(2 * 4, [3, 2], backward=False) == 4 * 8 * 9
     assert attention_flops(2 * 4, [3, 2], backward=True) == 3 * 4 * 8 * 9
+
+
+def test_sgd_standin_follows_the_lr_schedule():
+    """--sgd-standin replaces AdamW after the trainer built its schedule: the new SGD gets the
+    groups' base rates (not the warm-up's first, scaled rate) and a schedule of its own, so its
+    rates follow the run's schedule step by step, as AdamW's would have."""
+    from types import SimpleNamespace
+
+    from train_throughput import sgd_standin
+
+    from titan_llava.config import load_config
+    from titan_llava.optim import build_lr_scheduler
+
+    cfg = load_config(["--training.steps", "10", "--lr_scheduler.warmup_steps", "4",
+                       "--optimizer.lr", "1e-3"])
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    adamw = torch.optim.AdamW([{"params": params[:1], "lr": 1e-3, "name": "a"},
+                               {"params": params[1:], "lr": 2e-4, "name": "b"}])
+    expected = build_lr_scheduler(
+        torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 1e-3},
+                         {"params": [torch.zeros(1)], "lr": 2e-4}]), cfg, 10)
+    trainer = SimpleNamespace(cfg=cfg, optimizer=adamw, total_steps=10,
+                              lr_scheduler=build_lr_scheduler(adamw, cfg, 10),
+                              step_check=SimpleNamespace(optimizer=adamw))
+    sgd_standin(trainer)
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert trainer.step_check.optimizer is trainer.optimizer
+    rates = []
+    for _ in range(10):
+        got = [g["lr"] for g in trainer.optimizer.param_groups]
+        want = [g["lr"] for g in expected.optimizer.param_groups]
+        assert got == pytest.approx(want, rel=1e-12, abs=0), (len(rates), got, want)
+        rates.append(got[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        expected.optimizer.step()
+        expected.step()
+    assert max(rates) == pytest.approx(1e-3)  # the warm-up reached the base rate
+    with pytest.raises(ValueError, match="checkpoint.enable"):
+        sgd_standin(SimpleNamespace(cfg=load_config(["--checkpoint.enable"])))
