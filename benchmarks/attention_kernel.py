@@ -42,8 +42,8 @@ from timing import timed_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from titan_llava.flops import attention_flops  # noqa: E402
-from titan_llava.models.attention import (  # noqa: E402
+from titan_llava.flops import attention_flops
+from titan_llava.models.attention import (
     VarlenInfo,
     _torch_varlen_causal,
     build_attention_mask,
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
         packings = itertools.cycle(layouts)
 
-        def fwd_bwd_cycling(fn=fn):
+        def fwd_bwd_cycling(fn=fn, packings=packings):
             torch.autograd.grad(fn(next(packings)), (q, k, v), grad_out)
 
         ms = timed_ms(lambda fn=fn: fn(layouts[0]), a.iters, cuda)

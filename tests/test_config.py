@@ -264,8 +264,8 @@ def test_out_of_range_counts_name_the_key(key, value):
          "activation_checkpoint.llm_layers_without_ac (3) exceeds the 2 blocks the model has"),
         (["--activation_checkpoint.vision_layers_without_ac", "3"], 1000,
          "activation_checkpoint.vision_layers_without_ac (3) exceeds the 2 blocks the model has"),
-        ([], 1025, "model.tokenizer_path: the tokenizer has 1025 pieces but the model's vocabulary "
-                   "has 1024 rows"),
+        ([], 1025, ("model.tokenizer_path: the tokenizer has 1025 pieces but the model's "
+                    "vocabulary has 1024 rows")),
     ],
 )
 def test_rules_against_the_architecture_name_the_key(argv, vocab, needle):
