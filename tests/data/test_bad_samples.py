@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 
 import pytest
 
@@ -45,9 +46,17 @@ BAD = {
     "bad_conversation": {"conversations": _turns(("human", "a"), ("human", "b"))},  # roles not alternating
     "empty_turn": {"conversations": _turns(("human", "Hello?"), ("gpt", "   "))},
     "malformed_record": {"image": 5, "conversations": _turns(("human", "<image>\nHi"), ("gpt", "Yo"))},
+    # Valid JSON ("\ud800" escapes) but not valid Unicode: no tokenizer or file name takes it.
+    "surrogate_text": {"conversations": _turns(("human", "Hi \ud800"), ("gpt", "Yo"))},
+    "surrogate_path": {"image": "\ud800.jpg", "conversations": _turns(("human", "<image>\nHi"), ("gpt", "Yo"))},
+    # A named pipe (opening it for reading would wait for a writer forever).
+    "not_a_regular_file": {"image": "fifo.jpg", "conversations": _turns(("human", "<image>\nHi"), ("gpt", "Yo"))},
 }
 # Empty turns are malformed conversations for the conversation module.
-EXPECTED_REASON = {**{k: k for k in BAD}, "empty_turn": "bad_conversation"}
+EXPECTED_REASON = {
+    **{k: k for k in BAD}, "empty_turn": "bad_conversation", "surrogate_text": "bad_conversation",
+    "surrogate_path": "image_path_invalid", "not_a_regular_file": "image_unreadable",
+}
 
 
 def _make_dataset(tmp_path, kind: str) -> str:
@@ -55,6 +64,7 @@ def _make_dataset(tmp_path, kind: str) -> str:
     folder.mkdir()
     shutil.copy(os.path.join(ASSETS, "sample_data", "images", "img05.png"), folder / "ok.jpg")
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 3)
+    os.mkfifo(folder / "fifo.jpg")
     shutil.copy(os.path.join(ASSETS, "sample_data", "images", "img08.png"), tmp_path / "outside.jpg")
     records = [_good(0), _good(1), _good(2), {"id": f"bad-{kind}", **BAD[kind]}, _good(3), _good(4), _good(5)]
     path = tmp_path / "data.json"
@@ -71,8 +81,21 @@ def _loader(path: str, folder: str, **kw):
     return build_data_loader(**args)
 
 
+@pytest.fixture
+def hang_guard():
+    """Fail (not hang) a test whose main thread blocks for a minute, e.g. opening a FIFO."""
+    def fail(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.mark.parametrize("kind", sorted(BAD))
-def test_bad_sample_is_skipped_counted_logged(tmp_path, caplog, kind: str) -> None:
+def test_bad_sample_is_skipped_counted_logged(tmp_path, caplog, hang_guard, kind: str) -> None:
     path = _make_dataset(tmp_path, kind)
     folder = str(tmp_path / "images")
     loader = _loader(path, folder)
@@ -135,3 +158,37 @@ def test_truncation_inside_an_image_drops_the_image(tmp_path) -> None:
     assert batch.pixel_values is None and batch.image_sizes is None
     assert (batch.input_ids == -200).sum() == 0
     assert loader.counters()["truncated"] == 1 and loader.counters()["truncated_image_dropped"] == 1
+
+
+def test_modality_grouped_batches_stay_single_modality_after_a_skip(tmp_path) -> None:
+    """Unpacked modality grouping: the sampler deals single-modality batches; a skipped sample
+    leaves its batch one row short rather than pulling in the next batch's first sample (which
+    would shift every later batch and mix modalities). Resuming across the short batch is exact."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(os.path.join(ASSETS, "sample_data", "images", "img05.png"), folder / "ok.jpg")
+    text = [{"id": f"text-{i}", "conversations": _turns(("human", "Say"), ("gpt", "word " * (1 + i % 5)))}
+            for i in range(12)]
+    images = [_good(i) for i in range(11)] + [{"id": "bad-image", **BAD["image_missing"]}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(images + text))
+    kw = dict(shuffle=True, seed=1, group_by_modality_length=True, global_batch_size=4)
+    loader = _loader(str(path), str(folder), **kw)
+    it = iter(loader)
+    batches, states = [], []
+    for _ in range(24):  # two epochs of 12 batches: the bad sample is met twice
+        batches.append(next(it))
+        states.append(loader.state_dict())
+    kinds = [{s.split("-")[0] for row in b.sample_ids for s in row} for b in batches]
+    assert all(k in ({"good"}, {"text"}) for k in kinds), kinds
+    short = [i for i, b in enumerate(batches) if len(b.sample_ids) == 1]
+    assert len(short) == 2 and loader.skip_counts() == {"image_missing": 2}, short
+    assert sum(len(b.sample_ids) for b in batches) == 46
+    k = short[0]  # resume from the state before the short batch, and from the one after it
+    assert k > 0
+    for start in (k, k + 1):
+        resumed = _loader(str(path), str(folder), **kw)
+        resumed.load_state_dict(states[start - 1])
+        rit = iter(resumed)
+        for j in range(start, start + 3):
+            assert next(rit).sample_ids == batches[j].sample_ids

@@ -274,6 +274,20 @@ def test_plain_text_only_has_no_placeholder(tok):
     assert labels == [IGNORE_INDEX] + ids[1:]
 
 
+@pytest.mark.parametrize("caption", ["A sign that reads <image> here.", "<image>"])
+def test_plain_text_only_keeps_a_literal_image_marker_as_text(tok, caption):
+    # Without an image the marker is ordinary text (as in vicuna_v1), not a placeholder.
+    ids, labels = tokenize_conversation(conv("Describe.", caption), tok, "plain", False)
+    assert IMAGE_TOKEN_INDEX not in ids
+    assert ids == tok.encode(caption + "\n", bos=True)
+    assert labels == [IGNORE_INDEX] + ids[1:]
+
+
+def test_lone_surrogate_text_is_a_bad_conversation(tok):
+    with pytest.raises(BadSampleError, match="turn 1 \\(gpt\\) is not valid Unicode text"):
+        tokenize_conversation(conv("Describe.", "bad \ud800 text"), tok, "plain", False)
+
+
 def test_vicuna_single_image_matches_unmodified_reference(tok):
     # With one marker per turn our multi-image rule is inactive: the reference's own code applies.
     conversations = conv("Look: <image> What now?", "Nothing.", "Again?", "Yes.")

@@ -61,6 +61,20 @@ def test_json_list_across_chunk_boundaries(tmp_path, monkeypatch) -> None:
     assert ds.modality_lengths.tolist() == _reference_modality_lengths(records)
 
 
+@pytest.mark.parametrize("number", ["1.5", "-2.5e-3", "7E+2", "10"])
+@pytest.mark.parametrize("chunk", [3, 4, 5, 6, 7, 8, 9, 10, 11, 13])
+def test_number_elements_split_by_a_chunk_index_as_one_element(tmp_path, monkeypatch, number, chunk):
+    """A (malformed) number element that a read chunk splits after a prefix that parses on its
+    own ("1" | ".5", "-2.5" | "e-3") is still one element: json.load's count, whatever the offset."""
+    monkeypatch.setattr(dataset_mod, "_CHUNK_BYTES", chunk)
+    for pad in range(chunk):
+        path = tmp_path / f"data{pad}.json"
+        path.write_text("[" + " " * pad + number + ", {\"id\": \"a\"}, " + number + "]")
+        ds = LlavaDataset(str(path))
+        assert len(ds) == len(json.loads(path.read_text())) == 3, (pad, number)
+        assert ds.read_record(1) == {"id": "a"}
+
+
 def test_jsonl_index_and_malformed_line(tmp_path) -> None:
     path = tmp_path / "data.jsonl"
     lines = [json.dumps(r, ensure_ascii=False) for r in RECORDS]

@@ -53,6 +53,10 @@ def _validated_turns(conversations: Any) -> list[tuple[str, str]]:
             raise _bad(f"turn {i} value is {type(value).__name__}, not a string")
         if not value.strip():
             raise _bad(f"turn {i} ({role}) is empty")
+        try:  # JSON can carry lone UTF-16 surrogates, which no tokenizer can encode
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _bad(f"turn {i} ({role}) is not valid Unicode text: {e.reason} at character {e.start}") from None
         turns.append((role, value))
     return turns
 
@@ -112,9 +116,13 @@ def _tokenize_plain(
     markers = turns[0][1].count(IMAGE_MARKER)
     if has_image and markers == 0:
         raise _bad("plain template: the human turn of an image sample has no <image> marker")
-    prefix = IMAGE_MARKER * markers if has_image else ""
-    input_ids = encode_with_images(prefix + turns[1][1] + PLAIN_SEP, tokenizer)
-    num_masked = len(encode_with_images(prefix, tokenizer))  # BOS + placeholders
+    if has_image:
+        prefix = IMAGE_MARKER * markers
+        input_ids = encode_with_images(prefix + turns[1][1] + PLAIN_SEP, tokenizer)
+        num_masked = len(encode_with_images(prefix, tokenizer))  # BOS + placeholders
+    else:  # a text-only sample's `<image>` is ordinary text (as in vicuna_v1)
+        input_ids = [tokenizer.bos_id] + tokenizer.encode(turns[1][1] + PLAIN_SEP)
+        num_masked = 1  # BOS
     labels = [IGNORE_INDEX] * num_masked + input_ids[num_masked:]
     return input_ids, labels
 

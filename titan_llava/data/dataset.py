@@ -107,8 +107,10 @@ def _scan_json_list(path: str) -> Iterator[tuple[int, int, Any]]:
                     raise ValueError(
                         f"{path}: malformed JSON in the element starting at byte {base + pos}: {e.msg}"
                     ) from None
-                if end >= len(buf) and not eof:
-                    refill()  # a scalar could continue past the chunk; re-decode with more bytes
+                # A number can continue past the chunk by up to 2 characters that do not parse
+                # on their own ("1" + ".5", "1.5" + "e-3"): re-decode with more bytes.
+                if len(buf) - end < 3 and not eof:
+                    refill()
                     continue
                 raw = buf[pos:end]
                 if not raw.isascii():

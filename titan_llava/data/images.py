@@ -7,6 +7,7 @@ not composited) for 8-bit modes; 16-bit greyscale is rescaled to 8 bits instead 
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from typing import BinaryIO
 
@@ -45,6 +46,12 @@ def resolve_image_path(image_folder: str, relative_path: str) -> str:
     """
     if not isinstance(relative_path, str) or not relative_path or "\x00" in relative_path:
         raise BadSampleError("image_path_invalid", f"image path {relative_path!r} is not a usable path")
+    try:  # JSON can carry lone UTF-16 surrogates, which no file name holds
+        os.fsencode(relative_path)
+    except UnicodeEncodeError:
+        raise BadSampleError(
+            "image_path_invalid", f"image path {relative_path!r} is not valid Unicode"
+        ) from None
     if os.path.isabs(relative_path):
         raise BadSampleError(
             "image_path_escape", f"image path {relative_path!r} is absolute; paths must be relative"
@@ -68,13 +75,19 @@ def _open(
     """
     path = resolve_image_path(image_folder, relative_path)
     try:
-        fp = open(path, "rb")
+        # Non-blocking, so that a FIFO opens (and is refused below) instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise BadSampleError("image_missing", f"{relative_path!r} not found in {image_folder!r}") from None
-    except IsADirectoryError:
-        raise BadSampleError("image_missing", f"{relative_path!r} in {image_folder!r} is a directory") from None
     except OSError as e:
         raise BadSampleError("image_unreadable", f"{relative_path!r}: {e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise BadSampleError("image_missing", f"{relative_path!r} in {image_folder!r} is a directory")
+        raise BadSampleError("image_unreadable", f"{relative_path!r} in {image_folder!r} is not a regular file")
+    fp = os.fdopen(fd, "rb")
     try:
         if os.fstat(fp.fileno()).st_size == 0:
             raise BadSampleError("image_empty", f"{relative_path!r} is 0 bytes")

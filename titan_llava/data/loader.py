@@ -246,6 +246,7 @@ def build_data_loader(
         packing=packing,
         strict=strict,
         lookahead=packing_lookahead,
+        sampler_batches=group_by_modality_length and not packing,
     )
     node = packer
     if prefetch > 0:

@@ -186,8 +186,12 @@ class Packer(BaseNode[Emitted]):
     """Turns the stream of processed/skipped samples into Batches, counting and logging skips.
 
     packing=True: rows of up to `row_len` tokens planned by `best_fit_rows` over a look-ahead of
-    `lookahead` buffered samples (1 = greedy in order). packing=False: one sample per row. Either
-    way a batch is padded at the end to its longest row. `reset(None)` restarts at `start_state`
+    `lookahead` buffered samples (1 = greedy in order). packing=False: one sample per row; with
+    `sampler_batches` (modality grouping, whose sampler deals single-modality batches of
+    `batch_size`) a batch holds only samples of one sampler batch, so a skipped sample leaves its
+    batch one row short instead of pulling the next batch's first sample in (which would shift
+    every later batch and mix modalities). Either way a batch is padded at the end to its longest
+    row. `reset(None)` restarts at `start_state`
     (set by the loader on resume); `reset(state)` repositions the whole upstream chain.
     """
 
@@ -203,8 +207,12 @@ class Packer(BaseNode[Emitted]):
         packing: bool,
         strict: bool,
         lookahead: int,
+        sampler_batches: bool = False,
     ):
         super().__init__()
+        if sampler_batches and packing:
+            raise ValueError("sampler_batches applies to unpacked batches only")
+        self.sampler_batches = sampler_batches
         self.source = source
         self.sampler = sampler
         self.rematerialize = rematerialize
@@ -276,10 +284,29 @@ class Packer(BaseNode[Emitted]):
             self._buffer.append(item)
         return len(self._buffer[i])
 
+    def _sampler_batch(self, i: int) -> tuple[int, int]:
+        ref = self._buffer[i].ref
+        return ref.epoch, (ref.position - 1) // self.batch_size  # positions count from 1
+
+    def _samples_of_first_sampler_batch(self) -> int:
+        """How many buffered samples, from the oldest, came from the oldest one's sampler batch
+        (pulling until the next batch's first sample arrives or the batch is whole)."""
+        self._length_at(0)
+        first = self._sampler_batch(0)
+        n = 1
+        while n < self.batch_size:
+            self._length_at(n)
+            if self._sampler_batch(n) != first:
+                break
+            n += 1
+        return n
+
     def next(self) -> Emitted:
         try:
             if self.packing:
                 plan = best_fit_rows(self._length_at, self.batch_size, self.row_len, self.lookahead)
+            elif self.sampler_batches:
+                plan = [[i] for i in range(self._samples_of_first_sampler_batch())]
             else:
                 plan = [[i] for i in range(self.batch_size)]
                 self._length_at(self.batch_size - 1)
