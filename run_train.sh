@@ -4,7 +4,8 @@
 # Extra arguments are passed through as config overrides.
 # Multi-node: NNODES=N RDZV_ENDPOINT=host:port [RDZV_ID=job-id] on every node (c10d rendezvous).
 # Exit status: 0 done, 2 config/input error, 75 preempted by SIGTERM after saving a checkpoint (run
-# the same command to resume), anything else a failure. SIGTERM/SIGINT sent to this script are
+# the same command to resume), 143 stopped by SIGTERM with checkpointing off (nothing saved),
+# anything else a failure. SIGTERM/SIGINT sent to this script are
 # forwarded to torchrun, which forwards them to the workers.
 set -uo pipefail
 

@@ -130,6 +130,7 @@ def test_validate_batch_and_parallelism():
         (["--activation_checkpoint.vision_layers_without_ac", "-2"],
          "activation_checkpoint.vision_layers_without_ac must be >= 0"),
         (["--checkpoint.initial_load_in_hf"], "checkpoint.initial_load_in_hf"),
+        (["--checkpoint.load_step", "4"], "checkpoint.load_step = 4 needs checkpoint.enable = true"),
         (["--training.steps", "0"], "training.steps"),
         (["--compile.components", "llm,projector"], "compile.components"),
         (["--activation_checkpoint.components", "llm,projector"], "activation_checkpoint.components"),

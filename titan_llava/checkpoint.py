@@ -41,6 +41,9 @@ logger = logging.getLogger("titan_llava")
 # Exit status of a run stopped by SIGTERM after it saved a checkpoint (EX_TEMPFAIL: "try again";
 # restart the same command to resume). A finished run exits 0, a failed one non-zero otherwise.
 PREEMPTED_EXIT_CODE = 75
+# Exit status of a run stopped by SIGTERM with checkpointing off: nothing was saved, so a rerun
+# starts over; 128 + SIGTERM, what a shell reports for a process the signal killed (not "try again").
+TERMINATED_EXIT_CODE = 143
 
 
 def _dist() -> bool:

@@ -108,6 +108,12 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
             f"data.packing_row_len ({cfg.data.packing_row_len}) must be -1 or >= data.max_seq_len "
             f"({cfg.data.max_seq_len}): a row must hold the longest sample"
         )
+    if c.load_step >= 0 and not c.enable:
+        raise ValueError(
+            f"checkpoint.load_step = {c.load_step} needs checkpoint.enable = true (with it off, "
+            "no checkpoint is loaded); to start from another run's step folder use "
+            "checkpoint.initial_load_path"
+        )
     if c.initial_load_in_hf and not c.initial_load_path:
         raise ValueError("checkpoint.initial_load_in_hf needs checkpoint.initial_load_path")
     from titan_llava.models.args import LLAVA_FLAVORS

@@ -17,6 +17,7 @@ EXIT_CONFIG_ERROR = 2
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint;
+    143 (TERMINATED_EXIT_CODE) stopped by SIGTERM with checkpointing off (nothing saved);
     2 a configuration or input error found during set-up (the message
     names the key, file or sample); anything else is a crash with its traceback."""
     trainer, finished = None, False
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_status(status: int, message: str | None = None) -> None:
     """torchrun turns any non-zero worker exit into 1; run_train.sh reads the real status (75 =
-    preempted, checkpoint saved; 2 = config error) from the first line of the file it names in
+    preempted, checkpoint saved; 143 = SIGTERM with checkpointing off; 2 = config error) from the first line of the file it names in
     TITAN_LLAVA_STATUS_FILE, and prints the rest (the error message) itself. Every rank writes it
     (they agree), because torchrun may stop the other ranks as soon as the first one exits: rank 0,
     the only rank whose output is shown, can be stopped before it prints its own message."""

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from titan_llava.architecture import MODEL_ARGS_FILE, hf_dirs, resolve_model_args
 from titan_llava.checkpoint import (
     PREEMPTED_EXIT_CODE,
+    TERMINATED_EXIT_CODE,
     CheckpointManager,
     find_resume_step,
     load_model_weights,
@@ -322,7 +323,8 @@ class Trainer:
         )
 
     def train(self) -> int:
-        """Runs to the last step (returns 0) or to a SIGTERM (saves, returns PREEMPTED_EXIT_CODE)."""
+        """Runs to the last step (returns 0) or to a SIGTERM (saves, returns PREEMPTED_EXIT_CODE;
+        with checkpointing off returns TERMINATED_EXIT_CODE)."""
         cfg = self.cfg
         self.model.train()
         self._data_iter = iter(self.data_loader)
@@ -375,6 +377,13 @@ class Trainer:
             )
             if preempted:
                 self.checkpointer.finish()
+                if not cfg.checkpoint.enable:
+                    logger.warning(
+                        f"SIGTERM: stopped after step {self.step}; checkpoint.enable is false, so "
+                        f"nothing was saved (a rerun starts over); exiting with status "
+                        f"{TERMINATED_EXIT_CODE}"
+                    )
+                    return TERMINATED_EXIT_CODE
                 logger.warning(
                     f"SIGTERM: checkpoint of step {self.step} saved; exiting with status "
                     f"{PREEMPTED_EXIT_CODE} (run the same command to resume)"

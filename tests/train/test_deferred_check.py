@@ -105,6 +105,17 @@ def test_sigterm_and_exact_resume_with_deferred_reads(tmp_path):
         assert resumed[step] == metrics(straight)[step], step
 
 
+def test_sigterm_with_checkpointing_off_says_nothing_was_saved(tmp_path):
+    """SIGTERM stops the run at a step boundary either way; with checkpoint.enable false nothing
+    is saved, so the run says so and exits 143, not 75 (which asks a job script to requeue)."""
+    dump = str(tmp_path)
+    p = train(dump, *FUSED, *BASE, fault="sigterm_accum@2")  # BASE: checkpoint.enable false
+    ok(p, 143)
+    assert "checkpoint.enable is false, so nothing was saved" in p.stderr, p.stderr[-3000:]
+    assert "checkpoint of step" not in p.stderr
+    assert not os.path.exists(ckpt(dump))
+
+
 def test_non_finite_on_one_rank_skips_on_every_rank(tmp_path):
     dump = str(tmp_path)
     p = train(dump, *FUSED, *BASE, "--metrics.log_freq", "5", nproc=2, fault="nan_loss@3@1")
