@@ -152,3 +152,51 @@ def test_metrics_logger(tmp_path):
         1, loss=1.0, grad_norm=1.0, lr=1.0, interval_s=1.0, steps_in_interval=1, tokens=1,
         text_tokens=1, image_tokens=0, samples=1, flops=1.0, data_wait_s=0.0)
     assert not other.exists()
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L4", None),
+])
+def test_peak_flops_by_device_name(monkeypatch, name, peak):
+    # Dense bf16 by NVIDIA's datasheets (the sparsity figures halved); NVL parts are not SXM's.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda") == peak
+
+
+def test_step_counts_sum_the_micro_batches_each_by_its_own_rule():
+    """Stage 1 (the projector trains): a micro-batch with images backpropagates through the frozen
+    LLM, a text-only one does not (its stand-in tile is overhead, not model work). A step's count is
+    the sum of its micro-batches' counts, so it does not depend on which micro-batches share a step
+    or a rank."""
+    import os
+
+    from titan_llava.data.loader import build_data_loader
+    from titan_llava.metrics import step_counts
+
+    assets = os.path.join(os.path.dirname(__file__), "assets")
+    args = copy.deepcopy(LLAVA_FLAVORS["debug"])
+    loader = build_data_loader(
+        os.path.join(assets, "sample_data", "finetune.json"), os.path.join(assets, "sample_data"),
+        os.path.join(assets, "tokenizer", "tokenizer.model"), "vicuna_v1", 2048, 1, shuffle=False,
+        image_size=args.vision.image_size, patch_size=args.vision.patch_size, prefetch=0,
+    )
+    try:
+        batches = [b for _, b in zip(range(20), loader)]
+    finally:
+        loader.close()
+    text = next(b for b in batches if b.pixel_values is None)
+    image = next(b for b in batches if b.pixel_values is not None)
+    pad = 0
+    each = {id(b): step_counts([b], pad, args, ["projector"]) for b in (text, image)}
+    both = step_counts([text, image], pad, args, ["projector"])
+    assert both["flops"] == each[id(text)]["flops"] + each[id(image)]["flops"]
+    assert both["tokens"] == each[id(text)]["tokens"] + each[id(image)]["tokens"]
+    lengths = document_lengths(text.input_ids, pad, text.document_ids)
+    forward_only = step_flops(args, lengths, 0, ["llm"], head_tokens=int(text.loss_index.shape[0]))
+    # No tile, no trainable part before the LLM: its forward only (a third of training it).
+    assert each[id(text)]["flops"] == pytest.approx(forward_only.llm / 3, rel=0.02)
+    assert each[id(text)]["flops"] == step_flops(
+        args, lengths, 0, ["projector"], head_tokens=int(text.loss_index.shape[0])
+    ).total

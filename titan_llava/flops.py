@@ -20,8 +20,11 @@ import torch
 from titan_llava.models.args import CLIPVisionArgs, LlavaNextArgs, VicunaArgs
 
 # Dense bf16 peak per device (no sparsity), by substring of torch.cuda.get_device_name().
+# First match wins: the specific variants come before the plain names.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM
     ("A100", 312e12),

@@ -82,17 +82,22 @@ def step_counts(
     microbatches: list, pad_id: int, model_args: LlavaNextArgs, trainable: Sequence[str]
 ) -> dict[str, float]:
     """Per-rank token / sample / model-FLOP counts of one step from the host copies of its
-    micro-batches (titan_llava.data.batch.Batch), so counting never waits on the device."""
-    lengths: list[int] = []
-    tiles = image_tokens = samples = 0
+    micro-batches (titan_llava.data.batch.Batch), so counting never waits on the device.
+
+    Model FLOPs are counted per micro-batch: whether a frozen LLM backpropagates depends on
+    whether that micro-batch has images (a text-only one's stand-in tile, which keeps a sharded
+    tower's collectives in step, is overhead, not model work). So the count of a step does not
+    depend on how its samples fall to ranks, beyond which samples share a micro-batch."""
+    tokens = image_tokens = samples = 0
+    flops = 0.0
     for mb in microbatches:
-        lengths += document_lengths(mb.input_ids, pad_id, mb.document_ids)
-        tiles += 0 if mb.pixel_values is None else int(mb.pixel_values.shape[0])
+        lengths = document_lengths(mb.input_ids, pad_id, mb.document_ids)
+        tiles = 0 if mb.pixel_values is None else int(mb.pixel_values.shape[0])
+        tokens += sum(lengths)
         image_tokens += mb.num_image_positions
         samples += sum(len(ids) for ids in mb.sample_ids)
-    tokens = sum(lengths)
-    head_tokens = sum(int(mb.loss_index.shape[0]) for mb in microbatches)
-    flops = step_flops(model_args, lengths, tiles, trainable, head_tokens=head_tokens).total
+        head_tokens = int(mb.loss_index.shape[0])
+        flops += step_flops(model_args, lengths, tiles, trainable, head_tokens=head_tokens).total
     return {
         "tokens": tokens,
         "image_tokens": image_tokens,
