@@ -192,3 +192,19 @@ def test_modality_grouped_batches_stay_single_modality_after_a_skip(tmp_path) ->
         rit = iter(resumed)
         for j in range(start, start + 3):
             assert next(rit).sample_ids == batches[j].sample_ids
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_dataset_with_no_usable_sample_is_an_error_not_an_endless_loop(tmp_path, hang_guard,
+                                                                          num_workers) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"id": f"x{i}", **BAD["image_missing"]} for i in range(5)]))
+    loader = _loader(str(path), str(folder), num_workers=num_workers)
+    try:
+        with pytest.raises(ValueError, match=r"none of the 5 samples in a row .* could be used; "
+                                             r"skipped so far: \{'image_missing': 5\}"):
+            next(iter(loader))
+    finally:
+        loader.close()

@@ -19,7 +19,7 @@ from titan_llava.data.anyres import LLAVA_NEXT_GRID_PINPOINTS
 from titan_llava.data.batch import Batch
 from titan_llava.data.dataset import LlavaDataset
 from titan_llava.data.errors import BadSampleError
-from titan_llava.data.packing import Packer
+from titan_llava.data.packing import Packer, skip_counts
 from titan_llava.data.processing import ProcessingConfig, SampleProcessor
 from titan_llava.data.sampler import DistributedSampleSampler
 from titan_llava.data.tokenizer import Tokenizer
@@ -148,7 +148,7 @@ class LlavaDataLoader:
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples per reason (the "skipped/" counters without their prefix)."""
-        return {k.split("/", 1)[1]: v for k, v in self.counters().items() if k.startswith("skipped/")}
+        return skip_counts(self.counters())
 
 
 def build_data_loader(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torchdata.nodes import BaseNode
@@ -178,6 +178,11 @@ def simulate_packing(
     }
 
 
+def skip_counts(counters: Mapping[str, int]) -> dict[str, int]:
+    """Skipped samples per reason: the "skipped/" counters without their prefix."""
+    return {k.split("/", 1)[1]: v for k, v in counters.items() if k.startswith("skipped/")}
+
+
 class _Exhausted(Exception):
     pass
 
@@ -262,7 +267,9 @@ class Packer(BaseNode[Emitted]):
         )
 
     def _pull(self) -> ProcessedSample | SkippedSample:
-        """Next usable sample from upstream, counting (and in strict mode returning) skipped ones."""
+        """Next usable sample from upstream, counting (and in strict mode returning) skipped ones.
+        A whole epoch of this rank's samples skipped in a row is an error, not an endless loop."""
+        skipped_in_a_row = 0
         while True:
             item = next(self.source)
             self._sampler_state = {"epoch": item.ref.epoch, "position": item.ref.position}
@@ -270,10 +277,19 @@ class Packer(BaseNode[Emitted]):
                 self._count_skip(item)
                 if self.strict:
                     return item
+                skipped_in_a_row += 1
+                epoch_len = len(self.sampler.epoch_indices(item.ref.epoch))
+                if skipped_in_a_row >= epoch_len:
+                    raise ValueError(
+                        f"data: none of the {skipped_in_a_row} samples in a row (a whole epoch of "
+                        f"this rank's {epoch_len}) could be used; skipped so far: "
+                        f"{skip_counts(self.counters)}. Check data.path, data.image_folder and data.template."
+                    )
                 continue
             self.counters["samples"] += 1
             self.counters.update(item.events)
             return item
+
 
     def _length_at(self, i: int) -> int:
         """Length of buffered sample `i`, pulling from upstream until the buffer holds it."""
