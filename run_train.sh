@@ -12,10 +12,14 @@ set -uo pipefail
 NGPU=${NGPU:-8}
 NNODES=${NNODES:-1}
 CONFIG_FILE=${CONFIG_FILE:-"./train_configs/debug_model.toml"}
-RDZV_ENDPOINT=${RDZV_ENDPOINT:-"localhost:0"}
 RDZV_ID=${RDZV_ID:-"titan_llava"}
 
 if [ "$NNODES" -gt 1 ]; then
+  if [ -z "${RDZV_ENDPOINT:-}" ]; then
+    # Without it every node would wait for the others on a store of its own, silently.
+    echo "run_train.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the same on every node)" >&2
+    exit 2
+  fi
   rdzv_args=(--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID")
 else
   rdzv_args=(--standalone)

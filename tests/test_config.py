@@ -131,6 +131,12 @@ def test_validate_batch_and_parallelism():
          "activation_checkpoint.vision_layers_without_ac must be >= 0"),
         (["--checkpoint.initial_load_in_hf"], "checkpoint.initial_load_in_hf"),
         (["--checkpoint.load_step", "4"], "checkpoint.load_step = 4 needs checkpoint.enable = true"),
+        (["--checkpoint.load_step", "-5"], "checkpoint.load_step must be -1"),
+        (["--optimizer.lr", "inf"], "optimizer.lr must be a finite number >= 0"),
+        (["--optimizer.weight_decay", "nan"], "optimizer.weight_decay must be a finite number"),
+        (["--optimizer.eps", "nan"], "optimizer.eps must be a finite number"),
+        (["--training.max_norm", "nan"], "training.max_norm must be a finite number"),
+        (["--job.seed", "99999999999999999999999"], "job.seed must be in"),
         (["--training.steps", "0"], "training.steps"),
         (["--compile.components", "llm,projector"], "compile.components"),
         (["--activation_checkpoint.components", "llm,projector"], "activation_checkpoint.components"),
@@ -284,3 +290,43 @@ def test_rules_against_the_architecture_name_the_key(argv, vocab, needle):
         load_config(["--activation_checkpoint.llm_layers_without_ac", "2",
                      "--activation_checkpoint.vision_layers_without_ac", "2"]), args, 1024
     )
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--job.dump_folder", "--training.steps", "2"], "job.dump_folder needs a value"),
+    (["--checkpoint.folder"], "checkpoint.folder needs a value"),
+    (["--job.config_file"], "job.config_file needs a value"),
+    (["--job.config_file", ""], "job.config_file is empty"),
+])
+def test_keys_given_without_a_value(argv, needle):
+    """Only true/false keys may be given bare; a string key without its value is an error, not
+    the string "true" (which would send a run's outputs to ./true)."""
+    with pytest.raises(ValueError) as e:
+        load_config(argv)
+    assert needle in str(e.value)
+    assert load_config(["--compile.enable", "--training.steps", "2"]).compile.enable is True
+
+
+def test_warmup_longer_than_the_epochs_steps_is_refused_once_they_are_known():
+    cfg = load_config(["--training.steps", "-1", "--lr_scheduler.warmup_steps", "100",
+                       "--training.global_batch_size", "4"])
+    cfg.validate()
+    assert cfg.resolve_steps(4000) == 1000
+    with pytest.raises(ValueError, match=r"lr_scheduler.warmup_steps \(100\) exceeds the 5 steps"):
+        cfg.resolve_steps(20)
+
+
+def test_attention_backends_the_run_cannot_train_with_are_refused(monkeypatch):
+    import sys
+
+    import torch
+
+    from titan_llava.models.attention import check_backend
+
+    check_backend("sdpa", torch.device("cpu"))
+    with pytest.raises(ValueError, match="'flex' cannot train on the CPU"):
+        check_backend("flex", torch.device("cpu"))
+    check_backend("flex", torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    with pytest.raises(ValueError, match="model.attn_backend 'flash' needs the flash-attn package"):
+        check_backend("flash", torch.device("cuda"))

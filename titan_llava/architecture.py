@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import replace
 
 from titan_llava.checkpoint_io import find_run_file
 from titan_llava.config import JobConfig
-from titan_llava.models.args import LLAVA_FLAVORS, LlavaNextArgs, llava_args_from_dict
+from titan_llava.models.args import (
+    LLAVA_FLAVORS,
+    LlavaNextArgs,
+    llava_args_from_dict,
+    llava_args_to_dict,
+)
 
 MODEL_ARGS_FILE = "model_args.json"  # the run's architecture, beside its config.json
 
@@ -63,3 +69,12 @@ def hf_dirs(initial_load_path: str) -> dict[str, str]:
         "checkpoint.initial_load_path: expected one LlavaNext directory or 'LLM_DIR,CLIP_DIR', "
         f"got {initial_load_path!r}"
     )
+
+
+def save_run_config(cfg: JobConfig, args: LlavaNextArgs) -> str:
+    """Write the resolved config (config.json) and architecture (model_args.json) into the dump
+    folder, where resume and export find them; returns a line saying so."""
+    path = cfg.save()
+    with open(os.path.join(cfg.job.dump_folder, MODEL_ARGS_FILE), "w") as f:
+        json.dump(llava_args_to_dict(args), f, indent=2)
+    return f"resolved config and architecture written to {path}, {MODEL_ARGS_FILE}"

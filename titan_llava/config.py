@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_type_hints
 
-from titan_llava.config_parse import coerce, load_config_file, parse_cli, suggest
+from titan_llava.config_parse import BareFlag, coerce, load_config_file, parse_cli, suggest
 
 TRAINABLE_PARTS = ("projector", "llm", "vision")
 TEMPLATES = ("plain", "vicuna_v1")
@@ -356,7 +356,14 @@ class JobConfig:
         if self.training.steps > 0:
             return self.training.steps
         assert self.training.global_batch_size > 0, "resolve after validate(world_size)"
-        return math.ceil(self.training.epochs * num_samples / self.training.global_batch_size)
+        steps = math.ceil(self.training.epochs * num_samples / self.training.global_batch_size)
+        if self.warmup_steps(steps) > steps:  # validate() checks this where steps are set
+            raise ValueError(
+                f"lr_scheduler.warmup_steps ({self.warmup_steps(steps)}) exceeds the "
+                f"{steps} steps of training.epochs = {self.training.epochs} over {num_samples} "
+                f"samples at training.global_batch_size {self.training.global_batch_size}"
+            )
+        return steps
 
     # ----- validation -----
     def validate(self, world_size: int = 1) -> None:
@@ -377,5 +384,9 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
     """defaults < job.config_file (TOML or JSON) < CLI. Does not validate (call validate())."""
     cli = parse_cli(list(sys.argv[1:] if argv is None else argv))
     config_file = cli.get("job", {}).get("config_file")
+    if isinstance(config_file, BareFlag):
+        raise ValueError("job.config_file needs a value (a TOML or JSON file)")
+    if config_file is not None and not config_file.strip():
+        raise ValueError("job.config_file is empty (leave it out to run with the defaults)")
     raw: dict[str, Any] = load_config_file(config_file) if config_file else {}
     return JobConfig.from_dict(raw, source=config_file or "defaults", cli=cli)

@@ -26,8 +26,13 @@ def load_config_file(path: str) -> dict[str, Any]:
                 return json.load(f)
         with open(path, "rb") as f:
             return tomllib.load(f)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"job.config_file: cannot parse {path!r}: {e}") from e
+
+
+class BareFlag(str):
+    """The value of a key given with no value (`--compile.enable`): "true" for a boolean key, an
+    error naming the key for any other type."""
 
 
 def parse_cli(argv: list[str]) -> dict[str, dict[str, str]]:
@@ -48,7 +53,7 @@ def parse_cli(argv: list[str]) -> dict[str, dict[str, str]]:
                 value = argv[i + 1]
                 i += 2
             else:
-                value = "true"  # a bare flag; type-checked later (only bools accept it)
+                value = BareFlag("true")  # type-checked later: only bools accept it
                 i += 1
         section, key = dotted.split(".", 1)
         out.setdefault(section, {})[key] = value
@@ -72,6 +77,8 @@ def coerce(value: Any, tp: Any, key: str, from_cli: bool = False) -> Any:
         inner = [a for a in args if a is not type(None)]
         assert len(inner) == 1, f"unsupported annotation {tp} for {key}"
         return coerce(value, inner[0], key, from_cli)
+    if isinstance(value, BareFlag) and tp is not bool:
+        raise ValueError(f"{key} needs a value (only true/false keys may be given bare)")
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{key} must be one of {list(args)}, got {value!r}")

@@ -4,6 +4,7 @@ ValueError naming the config key, raised before any work starts (JobConfig.valid
 
 from __future__ import annotations
 
+import math
 import os
 
 from titan_llava.config import TRAINABLE_PARTS, JobConfig
@@ -50,14 +51,21 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
             f"training.trainable must be a non-empty list of distinct {list(TRAINABLE_PARTS)}, "
             f"got {t.trainable}"
         )
-    for key in ("lr", "llm_lr", "vision_lr", "projector_lr"):
-        v = getattr(o, key)
-        if v is not None and not v >= 0:
-            raise ValueError(f"optimizer.{key} must be >= 0, got {v}")
+    for key, v in (
+        ("optimizer.lr", o.lr), ("optimizer.llm_lr", o.llm_lr), ("optimizer.vision_lr", o.vision_lr),
+        ("optimizer.projector_lr", o.projector_lr), ("optimizer.eps", o.eps),
+        ("optimizer.weight_decay", o.weight_decay), ("training.max_norm", t.max_norm),
+    ):  # NaN fails every comparison; inf would make the first update non-finite
+        if v is not None and not 0 <= v < math.inf:
+            raise ValueError(f"{key} must be a finite number >= 0, got {v}")
     if not (0.0 <= o.betas[0] < 1.0 and 0.0 <= o.betas[1] < 1.0):
         raise ValueError(f"optimizer.betas must be in [0, 1), got {o.betas}")
-    if o.eps < 0 or o.weight_decay < 0:
-        raise ValueError("optimizer.eps and optimizer.weight_decay must be >= 0")
+    if not 0 <= cfg.job.seed < 2**63:
+        raise ValueError(f"job.seed must be in [0, 2**63), got {cfg.job.seed}")
+    if cfg.checkpoint.load_step < -1:
+        raise ValueError(
+            f"checkpoint.load_step must be -1 (the newest) or a step, got {cfg.checkpoint.load_step}"
+        )
     if not 0.0 <= s.warmup_ratio <= 1.0:
         raise ValueError(f"lr_scheduler.warmup_ratio must be in [0, 1], got {s.warmup_ratio}")
     if s.warmup_steps is not None and s.warmup_steps < 0:

@@ -5,7 +5,6 @@ is titan_llava.train.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -13,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from titan_llava.architecture import MODEL_ARGS_FILE, hf_dirs, resolve_model_args
+from titan_llava.architecture import hf_dirs, resolve_model_args, save_run_config
 from titan_llava.checkpoint import (
     PREEMPTED_EXIT_CODE,
     TERMINATED_EXIT_CODE,
@@ -41,8 +40,7 @@ from titan_llava.distributed.utils import (
 from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
 from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, step_counts
-from titan_llava.models import flash_impl
-from titan_llava.models.args import llava_args_to_dict
+from titan_llava.models import attention, flash_impl
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import build_lr_scheduler, build_optimizer, log_parameter_counts
 from titan_llava.step_check import StepCheck, StepRecord
@@ -65,14 +63,15 @@ class Trainer:
         set_determinism(cfg.job.seed)
         self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
         self.model_args = resolve_model_args(cfg)
-        if self.rank == 0:
-            path = cfg.save()
-            with open(os.path.join(cfg.job.dump_folder, MODEL_ARGS_FILE), "w") as f:
-                json.dump(llava_args_to_dict(self.model_args), f, indent=2)
-            logger.info(f"resolved config and architecture written to {path}, {MODEL_ARGS_FILE}")
         validate_against_architecture(cfg, self.model_args, self.tokenizer.vocab_size)
+        attention.check_backend(cfg.model.attn_backend, self.device)
+        # The data index (a malformed file is a set-up error) and the run's length.
+        self.dataset = LlavaDataset(cfg.data.path)
+        self.total_steps = cfg.resolve_steps(len(self.dataset))
+        if self.rank == 0:  # only a config that passed every check is saved
+            logger.info(save_run_config(cfg, self.model_args))
 
-        # An opt-in flash implementation is activated and checked before any model or data exists.
+        # An opt-in flash implementation is activated and checked before any model exists.
         flash_impl.activate(
             cfg.model.flash_attention_impl, cfg.model.attn_backend, self.model_args.llm,
             self.device, getattr(torch, cfg.training.mixed_precision_param),
@@ -90,7 +89,6 @@ class Trainer:
         log_parameter_counts(self.model, cfg.parallelism.replicate_frozen and self.mesh is not None)
 
         self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp_degree)
-        self.dataset = LlavaDataset(cfg.data.path)
         self.data_loader = build_data_loader(
             cfg.data.path,
             cfg.data.image_folder,
@@ -119,7 +117,6 @@ class Trainer:
             strict=cfg.data.strict,
             dataset=self.dataset,
         )
-        self.total_steps = cfg.resolve_steps(len(self.dataset))
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.total_steps)
         self.step = 0

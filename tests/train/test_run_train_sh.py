@@ -97,3 +97,13 @@ def test_allocator_defaults_to_expandable_segments_unless_set(tmp_path):
     seen = _env_seen_by_torchrun(tmp_path / "c", {"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"})
     assert seen["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:512"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in seen
+
+
+def test_multi_node_without_a_rendezvous_endpoint_is_refused_at_once(tmp_path):
+    # Each node would otherwise wait on a local store of its own, with no output, for minutes.
+    env = {k: v for k, v in os.environ.items() if k != "RDZV_ENDPOINT"}
+    proc = subprocess.run(["./run_train.sh", "--job.dump_folder", str(tmp_path)], cwd=REPO,
+                          env={**env, "NNODES": "2", "NGPU": "1"}, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 2
+    assert "NNODES=2 needs RDZV_ENDPOINT=host:port" in proc.stderr

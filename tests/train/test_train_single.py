@@ -99,6 +99,11 @@ def test_step1_loss_matches_transformers(tmp_path, stage):
         (["--training.global_batch_size", "3"], "training.global_batch_size"),
         (["--data.path", "/nonexistent/data.json"], "data.path"),
         (["--training.trainable", "[\"projector\", \"decoder\"]"], "training.trainable"),
+        # Checked against the resolved architecture, the device and the data index:
+        (["--activation_checkpoint.llm_layers_without_ac", "99"], "llm_layers_without_ac (99)"),
+        (["--model.attn_backend", "flex"], "model.attn_backend 'flex' cannot train on the CPU"),
+        (["--training.steps", "-1", "--lr_scheduler.warmup_steps", "100"],
+         "lr_scheduler.warmup_steps (100) exceeds the"),
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, override, message):
@@ -107,6 +112,8 @@ def test_bad_config_fails_before_work(tmp_path, override, message):
     assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr[-3000:]
     assert not os.path.exists(os.path.join(dump, "metrics.jsonl"))
+    # Nothing is written for a config that fails a check (a rerun would resume its settings).
+    assert not os.path.exists(os.path.join(dump, "config.json"))
 
 
 def test_tokenizer_larger_than_vocab_fails(tmp_path):

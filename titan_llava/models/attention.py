@@ -47,12 +47,24 @@ class VarlenInfo:
 AttentionMask = None | Tensor | BlockMask | VarlenInfo
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """Refuse, before any model exists, an attention backend this run cannot train with (the
+    forward would otherwise fail at the first step, after the weights are loaded)."""
+    if backend == "flash":
+        _flash_attn()
+    elif backend == "flex" and device.type == "cpu":
+        raise ValueError(
+            "model.attn_backend 'flex' cannot train on the CPU (torch's flex attention has no CPU "
+            "backward); use 'sdpa'"
+        )
+
+
 def _flash_attn():
     try:
         import flash_attn
     except ImportError as e:
         raise ValueError(
-            "attn_backend 'flash' needs the flash-attn package (pip install flash-attn); "
+            "model.attn_backend 'flash' needs the flash-attn package (pip install flash-attn); "
             "use attn_backend 'sdpa' or 'flex' instead"
         ) from e
     return flash_attn
