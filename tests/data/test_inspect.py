@@ -71,3 +71,20 @@ def test_inspect_estimates_packed_rows(capsys) -> None:
     assert f"~{math.ceil(rows / 2)} steps per epoch" in out
     with pytest.raises(SystemExit):
         inspect_mod.main(argv + ["--packing", "--packing-row-len", "1000"])
+
+
+def test_inspect_loads_its_config_as_the_trainer_does(tmp_path, capsys) -> None:
+    """--config goes through the trainer's loading: a misspelt key is an error (not silently
+    ignored while the trainer would refuse it), and so are a missing data file and a bad --limit."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\ntokenizer_path = "{TOKENIZER}"\n[data]\nmax_seq_length = 2048\n')
+    with pytest.raises(SystemExit):
+        inspect_mod.main(["--config", str(config)])
+    assert "data.max_seq_length" in capsys.readouterr().err
+    config.write_text(f'[model]\ntokenizer_path = "{TOKENIZER}"\n[data]\npath = "/nonexistent.json"\n')
+    with pytest.raises(SystemExit):
+        inspect_mod.main(["--config", str(config)])
+    assert "/nonexistent.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        inspect_mod.main(["--config", str(config), "--limit", "-5"])
+    assert "--limit must be >= 1" in capsys.readouterr().err

@@ -31,12 +31,6 @@ from titan_llava.data.packing import simulate_packing
 from titan_llava.data.processing import _image_paths
 from titan_llava.data.tokenizer import Tokenizer
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
-
-
 def _distribution(values: Sequence[int]) -> str:
     if not values:
         return "n/a"
@@ -179,10 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     data: dict[str, Any] = {}
     model: dict[str, Any] = {}
     training: dict[str, Any] = {}
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.config:
-        with open(args.config, "rb") as fh:
-            raw = tomllib.load(fh)
-        data, model, training = raw.get("data", {}), raw.get("model", {}), raw.get("training", {})
+        from titan_llava.config import load_config
+
+        try:  # the trainer's own loading: unknown keys and wrong types are errors, defaults apply
+            sections = load_config(["--job.config_file", args.config]).to_dict()
+        except ValueError as e:
+            parser.error(str(e))
+        data, model, training = sections["data"], sections["model"], sections["training"]
     settings = {
         "path": args.data_path or data.get("path"),
         "image_folder": args.image_folder or data.get("image_folder"),
@@ -197,7 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"missing settings: {', '.join(missing)} (give flags or --config)")
     pinpoints = model.get("grid_pinpoints") or LLAVA_NEXT_GRID_PINPOINTS
     print(f"indexing {settings['path']} ...", file=sys.stderr)
-    dataset = LlavaDataset(settings["path"], progress=True)
+    try:
+        dataset = LlavaDataset(settings["path"], progress=True)
+    except (OSError, ValueError) as e:
+        parser.error(f"data path {settings['path']!r}: {e}")
     stats = scan(
         dataset,
         Tokenizer(settings["tokenizer"]),
@@ -223,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lengths = [min(n, max_seq_len) for n in stats["total"]]
         est = packing_estimate(lengths, rows, row_len, lookahead)
         gbs = args.global_batch_size or training.get("global_batch_size")
+        gbs = gbs if gbs and gbs > 0 else None  # -1: derived from the GPU count, unknown here
         print(format_packing(est, row_len, lookahead, gbs))
     return 0
 
