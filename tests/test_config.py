@@ -267,6 +267,8 @@ def test_out_of_range_counts_name_the_key(key, value):
 @pytest.mark.parametrize(
     "argv, vocab, needle",
     [
+        (["--data.max_seq_len", "5000"], 1000,
+         "data.max_seq_len (5000) exceeds the positions the LLM was built for (4096"),
         (["--activation_checkpoint.llm_layers_without_ac", "3"], 1000,
          "activation_checkpoint.llm_layers_without_ac (3) exceeds the 2 blocks the model has"),
         (["--activation_checkpoint.vision_layers_without_ac", "3"], 1000,

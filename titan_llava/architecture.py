@@ -38,22 +38,38 @@ def earlier_run_model_args(cfg: JobConfig) -> tuple[LlavaNextArgs, str] | None:
 def resolve_model_args(cfg: JobConfig) -> LlavaNextArgs:
     """The architecture, so the user never repeats dimensions: from Hugging Face config.json files
     when starting from HF weights; from the earlier run's model_args.json when starting from its
-    DCP checkpoint; else the named flavor. [model] settings apply on top."""
+    DCP checkpoint; else the named flavor. [model] settings apply on top; grid_pinpoints only
+    where set, and then they must match those of a checkpoint that has its own."""
     ck = cfg.checkpoint
     earlier = earlier_run_model_args(cfg)
+    source = None  # what holds the pinpoints the starting weights were trained with
     if ck.initial_load_in_hf:
         from titan_llava.hf.loading import args_from_hf
 
-        args = args_from_hf(**hf_dirs(ck.initial_load_path))
+        dirs = hf_dirs(ck.initial_load_path)
+        args = args_from_hf(**dirs)
+        if "llava_dir" in dirs:
+            source = f"{dirs['llava_dir']}'s config.json"
     elif earlier is not None:
-        args = earlier[0]
+        args, source = earlier
     else:
         args = copy.deepcopy(LLAVA_FLAVORS[cfg.model.flavor])
+    pinpoints = list(args.grid_pinpoints)
+    if cfg.model.grid_pinpoints is not None:
+        asked = [(int(w), int(h)) for w, h in cfg.model.grid_pinpoints]
+        # The same candidates in another order pass: Hugging Face stores LLaVA's (w, h) list as
+        # (h, w), so a released checkpoint lists these five transposed; the order set here is used.
+        if source is not None and sorted(asked) != sorted(pinpoints):
+            raise ValueError(
+                f"model.grid_pinpoints {asked} differ from those the starting checkpoint was "
+                f"trained with ({source}: {pinpoints}); leave model.grid_pinpoints unset to use them"
+            )
+        pinpoints = asked
     return replace(
         args,
         attn_backend=cfg.model.attn_backend,
         image_aspect_ratio=cfg.model.image_aspect_ratio,
-        grid_pinpoints=[tuple(p) for p in cfg.model.grid_pinpoints],
+        grid_pinpoints=pinpoints,
     )
 
 

@@ -50,10 +50,12 @@ class Model:
     SDPA before building the model. Not yet measured here."""
     image_aspect_ratio: Literal["anyres", "pad", "resize"] = "anyres"
     """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize)."""
-    grid_pinpoints: list[tuple[int, int]] = field(
-        default_factory=lambda: [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
-    )
-    """AnyRes candidate resolutions as (width, height), each a multiple of the 336 tile."""
+    grid_pinpoints: list[tuple[int, int]] | None = None
+    """AnyRes candidate resolutions as (width, height), each a multiple of the 336 tile. None: the
+    ones the starting checkpoint was trained with (a LlavaNext config.json, or the earlier run's
+    model_args.json), else LLaVA-NeXT's five (336x672, 672x336, 672x672, 1008x336, 336x1008).
+    Set, they must be the starting checkpoint's candidates (in any order; the order set here is
+    the one AnyRes breaks ties by)."""
 
 
 @dataclass

@@ -76,7 +76,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         )
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ValueError(f"lr_scheduler.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
-    if cfg.model.image_aspect_ratio == "anyres":
+    if cfg.model.image_aspect_ratio == "anyres" and cfg.model.grid_pinpoints is not None:
         if not cfg.model.grid_pinpoints:
             raise ValueError("model.grid_pinpoints must not be empty for image_aspect_ratio anyres")
         for w, h in cfg.model.grid_pinpoints:
@@ -140,6 +140,12 @@ def validate_against_architecture(cfg: JobConfig, args, tokenizer_vocab_size: in
         raise ValueError(
             f"model.tokenizer_path: the tokenizer has {tokenizer_vocab_size} pieces but the "
             f"model's vocabulary has {args.llm.vocab_size} rows"
+        )
+    if cfg.data.max_seq_len > args.llm.max_seq_len:
+        raise ValueError(
+            f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the positions the LLM was built "
+            f"for ({args.llm.max_seq_len}: its RoPE table, max_position_embeddings in a Hugging "
+            "Face config.json); lower data.max_seq_len"
         )
     ac = cfg.activation_checkpoint
     for key, value, blocks in (

@@ -40,3 +40,41 @@ def test_stage2_inherits_a_non_flavor_architecture(tmp_path):
     ])
     with open(os.path.join(stage2, "model_args.json")) as f:
         assert json.load(f) == arch1
+
+
+def test_grid_pinpoints_come_from_the_starting_checkpoint(tmp_path):
+    """A LlavaNext directory's image_grid_pinpoints ([h, w]) and an earlier run's model_args.json
+    are the starting checkpoint's own: with model.grid_pinpoints unset they are used; set, they
+    must be the same candidates (any order), else a set-up error naming the key."""
+    transformers = pytest.importorskip("transformers")
+    from titan_llava.architecture import resolve_model_args
+    from titan_llava.config import load_config
+    from titan_llava.models.args import llava_args_to_dict
+
+    pins_hw = [[336, 336], [336, 1344], [1344, 336]]
+    cfg = transformers.LlavaNextConfig(vision_config=HF_VISION_KW, text_config=HF_TEXT_KW,
+                                       image_token_index=HF_IMAGE_TOKEN_ID,
+                                       image_grid_pinpoints=pins_hw)
+    hf_dir = str(tmp_path / "hf")
+    transformers.LlavaNextForConditionalGeneration(cfg).save_pretrained(hf_dir)
+    own = [(336, 336), (1344, 336), (336, 1344)]  # (w, h)
+    hf = ["--checkpoint.initial_load_path", hf_dir, "--checkpoint.initial_load_in_hf", "true"]
+    assert resolve_model_args(load_config(hf)).grid_pinpoints == own
+    reordered = [(336, 1344), (336, 336), (1344, 336)]
+    assert resolve_model_args(load_config(
+        hf + ["--model.grid_pinpoints", json.dumps(reordered)])).grid_pinpoints == reordered
+    with pytest.raises(ValueError, match=r"model.grid_pinpoints \[\(336, 672\)"):
+        resolve_model_args(load_config(hf + ["--model.grid_pinpoints", "[[336, 672], [672, 336]]"]))
+
+    # An earlier run's recorded architecture (stage 1 -> stage 2).
+    run = tmp_path / "stage1"
+    (run / "checkpoint" / "step-1").mkdir(parents=True)
+    (run / "model_args.json").write_text(json.dumps(
+        llava_args_to_dict(resolve_model_args(load_config(hf)))))
+    dcp = ["--checkpoint.initial_load_path", str(run / "checkpoint" / "step-1")]
+    assert resolve_model_args(load_config(dcp)).grid_pinpoints == own
+    with pytest.raises(ValueError, match="model_args.json"):
+        resolve_model_args(load_config(dcp + ["--model.grid_pinpoints", "[[672, 672]]"]))
+    # No checkpoint of its own (a flavor, or LLM + CLIP directories): the setting applies.
+    assert resolve_model_args(load_config(
+        ["--model.grid_pinpoints", "[[672, 672]]"])).grid_pinpoints == [(672, 672)]
