@@ -469,7 +469,7 @@ def test_attention_kernel_benchmark_runs_its_reference_check_on_cpu():
     assert out_diff < 1e-5 and grad_diff < 1e-5
     assert float(cycling.split()[0]) > 0
     assert "flash varlen, cuDNN ragged: skipped (need CUDA)" in proc.stdout
-    assert proc.stdout.rstrip().endswith("ATTENTION KERNELS OK")
+    assert proc.stdout.rstrip().endswith("ATTENTION KERNELS OK (report only, not counted: cuDNN ragged)")
 
 
 def test_attention_kernel_flop_count_by_hand():
@@ -518,3 +518,27 @@ def test_sgd_standin_follows_the_lr_schedule():
     assert max(rates) == pytest.approx(1e-3)  # the warm-up reached the base rate
     with pytest.raises(ValueError, match="checkpoint.enable"):
         sgd_standin(SimpleNamespace(cfg=load_config(["--checkpoint.enable"])))
+
+
+def test_gpu_session_wrapper_returns_the_summary_and_the_logs(tmp_path):
+    """benchmarks/gpu_session.sh (the device call's wrapper) on the CPU with the debug flavor and
+    one short run of the plan: its figures reach summary.txt, and every log comes back in
+    logs.tgz under OUT (what a device call returns)."""
+    import tarfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "PLAN": "round8", "FLAVOR": "debug", "STEPS": "1",
+           "BUDGET_S": "300", "ONLY": "s1_8k_eager", "OMP_NUM_THREADS": "1",
+           # A checkout without the carried folders: the wrapper says so and goes on.
+           "PYTHONPATH": ROOT}
+    env.pop("RANK", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "gpu_session: plan exited 0; returned: logs.tgz summary.txt" in proc.stdout
+    summary = (out / "summary.txt").read_text()
+    assert "== s1_8k_eager" in summary and "samples/s/GPU:" in summary, summary
+    with tarfile.open(out / "logs.tgz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {"summary.txt", "s1_8k_eager.log"} <= names, names
