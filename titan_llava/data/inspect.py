@@ -31,6 +31,7 @@ from titan_llava.data.packing import simulate_packing
 from titan_llava.data.processing import _image_paths
 from titan_llava.data.tokenizer import Tokenizer
 
+
 def _distribution(values: Sequence[int]) -> str:
     if not values:
         return "n/a"
