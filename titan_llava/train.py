@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_status(status: int, message: str | None = None) -> None:
     """torchrun turns any non-zero worker exit into 1; run_train.sh reads the real status (75 =
-    preempted, checkpoint saved; 143 = SIGTERM with checkpointing off; 2 = config error) from the first line of the file it names in
-    TITAN_LLAVA_STATUS_FILE, and prints the rest (the error message) itself. Every rank writes it
+    preempted, checkpoint saved; 143 = SIGTERM with checkpointing off; 2 = config error) from the
+    first line of the file it names in TITAN_LLAVA_STATUS_FILE, and prints the rest (the error
+    message) itself. Every rank writes it
     (they agree), because torchrun may stop the other ranks as soon as the first one exits: rank 0,
     the only rank whose output is shown, can be stopped before it prints its own message."""
     path = os.environ.get("TITAN_LLAVA_STATUS_FILE")

@@ -175,3 +175,15 @@ def test_bad_arguments() -> None:
         DistributedSampleSampler(5, shuffle=False, modality_lengths=np.ones(5, dtype=np.int32))
     with pytest.raises(ValueError, match="no samples"):
         DistributedSampleSampler(0)
+
+
+@pytest.mark.parametrize("num_samples", [1, 7, 40, 41])
+@pytest.mark.parametrize("world, batch", [(1, 1), (2, 3), (4, 2)])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_samples_per_epoch_is_the_length_of_every_epoch(num_samples, world, batch, grouped):
+    lengths = np.array([(i % 5 + 1) * (1 if i % 3 else -1) for i in range(num_samples)])
+    for rank in range(world):
+        s = DistributedSampleSampler(num_samples, dp_rank=rank, dp_world_size=world, seed=2,
+                                     modality_lengths=lengths if grouped else None,
+                                     batch_size=batch)
+        assert all(len(s.epoch_indices(e)) == s.samples_per_epoch() for e in range(3))

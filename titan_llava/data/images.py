@@ -81,15 +81,15 @@ def _open(
         raise BadSampleError("image_missing", f"{relative_path!r} not found in {image_folder!r}") from None
     except OSError as e:
         raise BadSampleError("image_unreadable", f"{relative_path!r}: {e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        if stat.S_ISDIR(mode):
+        if stat.S_ISDIR(st.st_mode):
             raise BadSampleError("image_missing", f"{relative_path!r} in {image_folder!r} is a directory")
         raise BadSampleError("image_unreadable", f"{relative_path!r} in {image_folder!r} is not a regular file")
     fp = os.fdopen(fd, "rb")
     try:
-        if os.fstat(fp.fileno()).st_size == 0:
+        if st.st_size == 0:
             raise BadSampleError("image_empty", f"{relative_path!r} is 0 bytes")
         _bomb_warning_is_error()
         try:

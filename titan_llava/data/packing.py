@@ -278,7 +278,7 @@ class Packer(BaseNode[Emitted]):
                 if self.strict:
                     return item
                 skipped_in_a_row += 1
-                epoch_len = len(self.sampler.epoch_indices(item.ref.epoch))
+                epoch_len = self.sampler.samples_per_epoch()
                 if skipped_in_a_row >= epoch_len:
                     raise ValueError(
                         f"data: none of the {skipped_in_a_row} samples in a row (a whole epoch of "
@@ -289,7 +289,6 @@ class Packer(BaseNode[Emitted]):
             self.counters["samples"] += 1
             self.counters.update(item.events)
             return item
-
 
     def _length_at(self, i: int) -> int:
         """Length of buffered sample `i`, pulling from upstream until the buffer holds it."""

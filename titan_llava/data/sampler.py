@@ -189,6 +189,14 @@ class DistributedSampleSampler(BaseNode[SampleRef]):
     def get_state(self) -> dict[str, Any]:
         return {self.EPOCH_KEY: self.epoch, self.POSITION_KEY: self.position}
 
+    def samples_per_epoch(self) -> int:
+        """len(epoch_indices(e)) for every epoch e, computed without building (or caching) an
+        order: safe to call from the consumer's thread while a worker iterates."""
+        if self.modality_lengths is None:
+            return -(-self.num_samples // self.dp_world_size)
+        per_round = self.dp_world_size * self.batch_size
+        return -(-self.num_samples // per_round) * self.batch_size
+
 
 def _wrap_to_multiple(order: np.ndarray, multiple: int) -> np.ndarray:
     """Extend `order` with its own head (repeatedly if needed) to a length divisible by `multiple`."""
