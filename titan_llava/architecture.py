@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from dataclasses import replace
 
@@ -18,6 +19,8 @@ from titan_llava.models.args import (
     llava_args_from_dict,
     llava_args_to_dict,
 )
+
+logger = logging.getLogger("titan_llava")
 
 MODEL_ARGS_FILE = "model_args.json"  # the run's architecture, beside its config.json
 
@@ -38,11 +41,12 @@ def earlier_run_model_args(cfg: JobConfig) -> tuple[LlavaNextArgs, str] | None:
 def resolve_model_args(cfg: JobConfig) -> LlavaNextArgs:
     """The architecture, so the user never repeats dimensions: from Hugging Face config.json files
     when starting from HF weights; from the earlier run's model_args.json when starting from its
-    DCP checkpoint; else the named flavor. [model] settings apply on top; grid_pinpoints only
-    where set, and then they must match those of a checkpoint that has its own."""
+    DCP checkpoint; else the named flavor. [model] settings apply on top; grid_pinpoints and
+    image_aspect_ratio only where set (pinpoints must then match those of a checkpoint that has
+    its own; another aspect-ratio mode than the checkpoint's is used with a warning)."""
     ck = cfg.checkpoint
     earlier = earlier_run_model_args(cfg)
-    source = None  # what holds the pinpoints the starting weights were trained with
+    source = None  # what records the pinpoints and image mode the starting weights were trained with
     if ck.initial_load_in_hf:
         from titan_llava.hf.loading import args_from_hf
 
@@ -65,11 +69,17 @@ def resolve_model_args(cfg: JobConfig) -> LlavaNextArgs:
                 f"trained with ({source}: {pinpoints}); leave model.grid_pinpoints unset to use them"
             )
         pinpoints = asked
+    aspect = args.image_aspect_ratio  # the starting checkpoint's (HF LlavaNext: anyres) or the flavor's
+    if cfg.model.image_aspect_ratio is not None:
+        if source is not None and cfg.model.image_aspect_ratio != aspect:
+            logger.warning(
+                "model.image_aspect_ratio = %r, but the starting checkpoint was trained with %r (%s): "
+                "images are preprocessed and tokenised differently from then on",
+                cfg.model.image_aspect_ratio, aspect, source,
+            )
+        aspect = cfg.model.image_aspect_ratio
     return replace(
-        args,
-        attn_backend=cfg.model.attn_backend,
-        image_aspect_ratio=cfg.model.image_aspect_ratio,
-        grid_pinpoints=pinpoints,
+        args, attn_backend=cfg.model.attn_backend, image_aspect_ratio=aspect, grid_pinpoints=pinpoints
     )
 
 

@@ -48,8 +48,11 @@ class Model:
     FA3 = flash-attention's Hopper build, FA4 = PyPI's flash-attn-4, run through
     models/fa4_compat.py). "" = torch's own (FA2-class). The trainer checks it once against fp32
     SDPA before building the model. Not yet measured here."""
-    image_aspect_ratio: Literal["anyres", "pad", "resize"] = "anyres"
-    """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize)."""
+    image_aspect_ratio: Literal["anyres", "pad", "resize"] | None = None
+    """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize). None: the
+    mode the starting checkpoint was trained with (an earlier run's model_args.json; a Hugging
+    Face LlavaNext checkpoint is AnyRes), else "anyres". Set to another mode than the earlier
+    run's, it is used and the set-up log says so."""
     grid_pinpoints: list[tuple[int, int]] | None = None
     """AnyRes candidate resolutions as (width, height), each a multiple of the 336 tile. None: the
     ones the starting checkpoint was trained with (a LlavaNext config.json, or the earlier run's

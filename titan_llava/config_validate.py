@@ -76,7 +76,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         )
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ValueError(f"lr_scheduler.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
-    if cfg.model.image_aspect_ratio == "anyres" and cfg.model.grid_pinpoints is not None:
+    if cfg.model.image_aspect_ratio in ("anyres", None) and cfg.model.grid_pinpoints is not None:
         if not cfg.model.grid_pinpoints:
             raise ValueError("model.grid_pinpoints must not be empty for image_aspect_ratio anyres")
         for w, h in cfg.model.grid_pinpoints:

@@ -88,3 +88,37 @@ def test_inspect_loads_its_config_as_the_trainer_does(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         inspect_mod.main(["--config", str(config), "--limit", "-5"])
     assert "--limit must be >= 1" in capsys.readouterr().err
+
+
+def test_inspect_counts_image_tokens_with_the_architecture_the_trainer_resolves(tmp_path, capsys) -> None:
+    """--config resolves the architecture as the trainer does: a run starting from an earlier
+    run's checkpoint that was trained with "pad" counts 576 tokens an image (one tile, no
+    newline), not AnyRes's. A starting checkpoint that is not on this machine falls back to the
+    flavor's settings with a warning."""
+    from titan_llava.architecture import resolve_model_args
+    from titan_llava.config import load_config
+    from titan_llava.models.args import llava_args_to_dict
+
+    run = tmp_path / "stage1"
+    (run / "checkpoint" / "step-1").mkdir(parents=True)
+    recorded = resolve_model_args(load_config(["--model.image_aspect_ratio", "pad"]))
+    (run / "model_args.json").write_text(json.dumps(llava_args_to_dict(recorded)))
+    config = tmp_path / "c.toml"
+    body = (
+        f'[model]\ntokenizer_path = "{TOKENIZER}"\n'
+        f'[data]\npath = "{os.path.join(DATA, "finetune.json")}"\nimage_folder = "{DATA}"\n'
+        'template = "vicuna_v1"\n[checkpoint]\ninitial_load_in_hf = false\n'
+    )
+    config.write_text(body + f'initial_load_path = "{run / "checkpoint" / "step-1"}"\n')
+    assert inspect_mod.main(["--config", str(config)]) == 0
+    image_line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("image tokens")][0]
+    low, high = (int(re.search(rf"{k} (\d+)", image_line).group(1)) for k in ("min", "max"))
+    assert low == 576 and high % 576 == 0  # pad: 576 an image (some samples have two)
+
+    config.write_text(body.replace("initial_load_in_hf = false", "initial_load_in_hf = true")
+                      + 'initial_load_path = "/nonexistent/llava-next"\n')
+    assert inspect_mod.main(["--config", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert "could not resolve the architecture" in captured.err and "/nonexistent/llava-next" in captured.err
+    image_line = [l for l in captured.out.splitlines() if l.startswith("image tokens")][0]
+    assert int(re.search(r"min (\d+)", image_line).group(1)) > 576  # AnyRes: base + tiles + newlines

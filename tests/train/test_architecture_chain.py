@@ -78,3 +78,30 @@ def test_grid_pinpoints_come_from_the_starting_checkpoint(tmp_path):
     # No checkpoint of its own (a flavor, or LLM + CLIP directories): the setting applies.
     assert resolve_model_args(load_config(
         ["--model.grid_pinpoints", "[[672, 672]]"])).grid_pinpoints == [(672, 672)]
+
+
+def test_image_aspect_ratio_comes_from_the_earlier_run(tmp_path, caplog):
+    """model.image_aspect_ratio unset: the mode an earlier run recorded in model_args.json (a
+    stage 1 trained with "pad" stays "pad"), else "anyres". Set to another mode, it is used and
+    the set-up log warns, naming the file the earlier mode came from."""
+    from titan_llava.architecture import resolve_model_args
+    from titan_llava.config import load_config
+    from titan_llava.models.args import llava_args_to_dict
+
+    assert resolve_model_args(load_config([])).image_aspect_ratio == "anyres"
+    assert resolve_model_args(load_config(["--model.image_aspect_ratio", "pad"])).image_aspect_ratio == "pad"
+
+    run = tmp_path / "stage1"
+    (run / "checkpoint" / "step-1").mkdir(parents=True)
+    recorded = resolve_model_args(load_config(["--model.image_aspect_ratio", "pad"]))
+    (run / "model_args.json").write_text(json.dumps(llava_args_to_dict(recorded)))
+    dcp = ["--checkpoint.initial_load_path", str(run / "checkpoint" / "step-1")]
+    caplog.set_level("WARNING", logger="titan_llava")
+    assert resolve_model_args(load_config(dcp)).image_aspect_ratio == "pad"
+    assert resolve_model_args(load_config(dcp + ["--model.image_aspect_ratio", "pad"])).image_aspect_ratio == "pad"
+    assert not caplog.records
+    assert resolve_model_args(load_config(
+        dcp + ["--model.image_aspect_ratio", "anyres"])).image_aspect_ratio == "anyres"
+    (warning,) = caplog.records
+    assert "'anyres'" in warning.getMessage() and "'pad'" in warning.getMessage()
+    assert "model_args.json" in warning.getMessage()

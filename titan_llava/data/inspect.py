@@ -151,6 +151,37 @@ def format_packing(est: dict[str, float], row_len: int, lookahead: int, global_b
     return line
 
 
+def _resolved_architecture(cfg: Any) -> dict[str, Any]:
+    """The image settings of the architecture the trainer resolves from `cfg` (the starting
+    checkpoint's config.json / model_args.json, else the flavor, then [model] on top). Where the
+    starting checkpoint cannot be read (e.g. not on this machine), the flavor's, with a warning."""
+    from titan_llava.architecture import resolve_model_args
+    from titan_llava.models.args import LLAVA_FLAVORS
+
+    try:
+        a = resolve_model_args(cfg)
+    except (OSError, ValueError) as e:
+        print(
+            f"warning: could not resolve the architecture from checkpoint.initial_load_path ({e}); "
+            f"image settings are those of flavor {cfg.model.flavor!r} and [model]",
+            file=sys.stderr,
+        )
+        a = LLAVA_FLAVORS[cfg.model.flavor]
+        pinpoints = cfg.model.grid_pinpoints or a.grid_pinpoints
+        return {
+            "image_aspect_ratio": cfg.model.image_aspect_ratio or a.image_aspect_ratio,
+            "grid_pinpoints": [tuple(p) for p in pinpoints],
+            "image_size": a.vision.image_size,
+            "patch_size": a.vision.patch_size,
+        }
+    return {
+        "image_aspect_ratio": a.image_aspect_ratio,
+        "grid_pinpoints": a.grid_pinpoints,
+        "image_size": a.vision.image_size,
+        "patch_size": a.vision.patch_size,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m titan_llava.data.inspect", description=__doc__)
     parser.add_argument("--config", help="TOML config; its [data] and [model] tables give defaults")
@@ -160,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--template", choices=["plain", "vicuna_v1"])
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--image-aspect-ratio", choices=["anyres", "pad", "resize"])
-    parser.add_argument("--image-size", type=int, default=336, help="vision tile size (pixels)")
-    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--image-size", type=int, help="vision tile size in pixels (default 336)")
+    parser.add_argument("--patch-size", type=int, help="vision patch size (default 14)")
     parser.add_argument("--limit", type=int, help="scan only the first N samples")
     parser.add_argument("--decode-images", action="store_true", help="fully decode every image")
     parser.add_argument("--packing", action="store_true", help="estimate packed rows per epoch")
@@ -174,29 +205,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     data: dict[str, Any] = {}
     model: dict[str, Any] = {}
     training: dict[str, Any] = {}
+    arch: dict[str, Any] = {}  # the architecture the trainer would resolve from the config
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.config:
         from titan_llava.config import load_config
 
         try:  # the trainer's own loading: unknown keys and wrong types are errors, defaults apply
-            sections = load_config(["--job.config_file", args.config]).to_dict()
+            cfg = load_config(["--job.config_file", args.config])
         except ValueError as e:
             parser.error(str(e))
+        sections = cfg.to_dict()
         data, model, training = sections["data"], sections["model"], sections["training"]
+        arch = _resolved_architecture(cfg)
     settings = {
         "path": args.data_path or data.get("path"),
         "image_folder": args.image_folder or data.get("image_folder"),
         "tokenizer": args.tokenizer or model.get("tokenizer_path"),
         "template": args.template or data.get("template"),
         "max_seq_len": args.max_seq_len or data.get("max_seq_len", 4096),
-        "image_aspect_ratio": args.image_aspect_ratio
-        or data.get("image_aspect_ratio", model.get("image_aspect_ratio", "anyres")),
+        "image_aspect_ratio": args.image_aspect_ratio or arch.get("image_aspect_ratio", "anyres"),
+        "image_size": args.image_size or arch.get("image_size", 336),
+        "patch_size": args.patch_size or arch.get("patch_size", 14),
     }
     missing = [k for k in ("path", "tokenizer", "template") if not settings[k]]
     if missing:
         parser.error(f"missing settings: {', '.join(missing)} (give flags or --config)")
-    pinpoints = model.get("grid_pinpoints") or LLAVA_NEXT_GRID_PINPOINTS
+    pinpoints = arch.get("grid_pinpoints") or LLAVA_NEXT_GRID_PINPOINTS
     print(f"indexing {settings['path']} ...", file=sys.stderr)
     try:
         dataset = LlavaDataset(settings["path"], progress=True)
@@ -210,8 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         int(settings["max_seq_len"]),
         settings["image_aspect_ratio"],
         pinpoints,
-        args.image_size,
-        args.patch_size,
+        int(settings["image_size"]),
+        int(settings["patch_size"]),
         limit=args.limit,
         decode_images=args.decode_images,
     )
