@@ -198,6 +198,7 @@ class MetricsLogger:
         skipped: dict[str, int] | None = None,
         memory_gib: float | None = None,
         alloc_retries: int | None = None,
+        epoch: float | None = None,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Build the record, write it (rank 0) and return it. `tokens` counts real (non-padding)
@@ -226,6 +227,8 @@ class MetricsLogger:
             "skipped": dict(skipped or {}),
             "eta_s": max(self.total_steps - step, 0) * step_s,
         }
+        if epoch is not None:
+            record["epoch"] = epoch
         if extra:
             record.update(extra)
         self.last_step = step
@@ -263,6 +266,8 @@ class MetricsLogger:
         n_skipped = sum(r["skipped"].values())
         if n_skipped:
             parts.append(f"skipped {n_skipped}")
+        if r.get("epoch") is not None:
+            parts.append(f"epoch {r['epoch']:.3f}")
         parts.append(f"eta {format_duration(r['eta_s'])}")
         return " | ".join(parts)
 
@@ -274,3 +279,20 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def plan_line(cfg: Any, total_steps: int, dp_degree: int, grad_accum: int, deferred: bool) -> str:
+    """The log line that opens training: the step's shape and when each step's loss is checked."""
+    d = cfg.data
+    return (
+        f"training {total_steps} steps: {dp_degree} data-parallel ranks x {grad_accum} micro-batches "
+        f"x {cfg.training.local_batch_size} rows of "
+        f"<= {cfg.packing_row_len() if d.packing else d.max_seq_len} tokens"
+        + (f" (packed, look-ahead {d.packing_lookahead})" if d.packing else "")
+        + (
+            "; each step's loss is checked during the next step (fused AdamW skips a "
+            "non-finite step on the device), log and checkpoint steps in their own"
+            if deferred
+            else "; each step's loss is checked before its update"
+        )
+    )

@@ -45,6 +45,7 @@ class StepRecord:
     data_wait_s: float
     lr: float
     sample_ids: list[int]
+    epoch: float = 0.0  # epochs of this rank's data used after the step (the loader's epoch_progress)
     stats: torch.Tensor | None = None  # [loss, stop, grad_norm], host memory (pinned on CUDA)
     ready: torch.cuda.Event | None = None  # recorded after the copy to `stats` (CUDA)
     values: tuple[float, float, float] | None = field(default=None, repr=False)  # once read

@@ -6,6 +6,7 @@ is titan_llava.train.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -39,7 +40,7 @@ from titan_llava.distributed.utils import (
 )
 from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
-from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, step_counts
+from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, plan_line, step_counts
 from titan_llava.models import attention, flash_impl
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import build_lr_scheduler, build_optimizer, log_parameter_counts
@@ -310,6 +311,7 @@ class Trainer:
                 skipped=all_reduce_counts(self.data_loader.skip_counts()),
                 memory_gib=memory_gib,  # this rank's peak
                 alloc_retries=None if retries is None else int(totals["alloc_retries"]),  # all ranks
+                epoch=record.epoch,  # rank 0's data
             )
             w.reset()
 
@@ -325,20 +327,11 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self._data_iter = iter(self.data_loader)
-        logger.info(
-            f"training {self.total_steps} steps: {self.dims.dp_degree} data-parallel ranks x "
-            f"{self.grad_accum} micro-batches x {cfg.training.local_batch_size} rows of "
-            f"<= {cfg.packing_row_len() if cfg.data.packing else cfg.data.max_seq_len} tokens"
-            + (f" (packed, look-ahead {cfg.data.packing_lookahead})" if cfg.data.packing else "")
-            + (
-                "; each step's loss is checked during the next step (fused AdamW skips a "
-                "non-finite step on the device), log and checkpoint steps in their own"
-                if self.step_check.defer
-                else "; each step's loss is checked before its update"
-            )
-        )
+        dp, defer = self.dims.dp_degree, self.step_check.defer
+        logger.info(plan_line(cfg, self.total_steps, dp, self.grad_accum, defer))
         self.window.reset()
         self.step_check.pending = None
+        epoch = self.data_loader.epoch_progress()
         while self.step < self.total_steps:
             self.step += 1
             microbatches, data_wait = self._next_microbatches()
@@ -352,7 +345,11 @@ class Trainer:
                     if self.manifest is not None
                     else []
                 ),
+                epoch=self.data_loader.epoch_progress(),
             )
+            if math.ceil(record.epoch) > max(math.ceil(epoch), 1):  # samples of a new epoch
+                logger.info(f"data: this rank's epoch {math.ceil(record.epoch) - 1} began in step {self.step}")
+            epoch = record.epoch
             self.train_step(microbatches, record)
             # Read now (a host sync) where the host needs the numbers before going on: the log
             # line, a checkpoint (never of a step not yet checked), the end, a stop; otherwise
@@ -387,7 +384,7 @@ class Trainer:
                 )
                 return PREEMPTED_EXIT_CODE
         self.checkpointer.finish()
-        logger.info(f"training done: {self.step} steps")
+        logger.info(f"training done: {self.step} steps, {epoch:.4f} epochs of this rank's data")
         return 0
 
     def close(self) -> None:

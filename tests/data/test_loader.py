@@ -273,3 +273,27 @@ def test_packed_modality_grouping_uses_the_megabatch_in_samples() -> None:
     # Unpacked: the megabatch is the global batch in samples, as in the reference.
     unpacked = make_loader(group_by_modality_length=True, global_batch_size=4)
     assert (unpacked._packer.sampler.batch_size, unpacked._packer.sampler.global_batch_size) == (2, 4)
+
+
+@pytest.mark.parametrize("mode", list(_PACKING))
+def test_epoch_progress_counts_the_samples_handed_out(mode: str, tmp_path) -> None:
+    """epoch_progress() = (samples in the batches handed out + samples skipped) / the rank's
+    samples per epoch, across an epoch wrap and whatever the packer still holds in its buffer."""
+    with open(os.path.join(DATA, "finetune.json")) as fh:
+        records = json.load(fh)
+    records.insert(3, {"id": "gone", "image": "images/none.jpg", "conversations": records[3]["conversations"]})
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))  # 21 samples, one of them bad: 11 a rank (rank 1 wraps one)
+    skips = 0
+    for rank in range(2):
+        loader = make_loader(**_PACKING[mode], path=str(path), dp_rank=rank, dp_world_size=2)
+        assert loader.epoch_progress() == 0.0
+        it, handed_out, wrapped = iter(loader), 0, False
+        for _ in range(9):
+            handed_out += sum(len(row) for row in next(it).sample_ids)
+            skipped = sum(v for k, v in loader.counters().items() if k.startswith("skipped/"))
+            assert loader.epoch_progress() == pytest.approx((handed_out + skipped) / 11, abs=1e-12)
+            wrapped |= loader.epoch_progress() > 1
+        assert wrapped
+        skips += skipped
+    assert skips >= 2  # the bad sample, once an epoch, on whichever rank it falls to

@@ -26,13 +26,18 @@ REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "me
 def test_debug_config_end_to_end(tmp_path):
     """The README's main command (fewer steps) trains and writes metrics.jsonl + the config."""
     dump = str(tmp_path / "run")
-    run_train(dump, ["--training.steps", "4", "--checkpoint.enable", "false"])
+    proc = run_train(dump, ["--training.steps", "6", "--checkpoint.enable", "false"])
     records = read_metrics(dump)
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for r in records:
         assert REQUIRED_KEYS <= set(r), set(r)
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
         assert r["tokens_per_sec"] > 0 and r["image_tokens_per_sec"] > 0
+        # 4 of the 20 samples a step: the data's epochs used so far, into the second epoch.
+        assert r["epoch"] == pytest.approx(r["step"] * 4 / 20)
+    log = proc.stdout + proc.stderr
+    assert "this rank's epoch 1 began in step 6" in log and "epoch 1.200" in log
+    assert "training done: 6 steps, 1.2000 epochs of this rank's data" in log
     # Warmup (2 steps) then cosine: lr of step 1 is 0 (HF schedule), peaks at step 3.
     assert records[0]["lr"] == 0.0 and records[2]["lr"] == pytest.approx(1e-3)
     assert os.path.isfile(os.path.join(dump, "config.json"))

@@ -83,6 +83,15 @@ class LlavaDataLoader:
             state = {"sampler": {"epoch": 0, "position": 0}, "buffer": [], "counters": {}}
         return {**state, "fingerprint": self.fingerprint}
 
+    def epoch_progress(self) -> float:
+        """Epochs of this rank's data used so far (1.5 = half-way through the second): samples
+        taken from the sampler (used or skipped), less those waiting in the packing buffer, over
+        the rank's samples per epoch."""
+        state = self.pipeline_state()
+        per_epoch = self._packer.sampler.samples_per_epoch()
+        taken = state["sampler"]["epoch"] * per_epoch + state["sampler"]["position"]
+        return (taken - len(state["buffer"])) / per_epoch
+
     def state_dict(self) -> dict[str, Any]:
         return {
             self._rank_key: json.dumps(self.pipeline_state(), sort_keys=True).encode(),
