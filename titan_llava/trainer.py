@@ -29,6 +29,7 @@ from titan_llava.data.dataset import LlavaDataset
 from titan_llava.data.loader import build_data_loader
 from titan_llava.data.manifest import ManifestWriter
 from titan_llava.data.tokenizer import Tokenizer
+from titan_llava.data.wait_watch import WaitWatch
 from titan_llava.distributed.parallel_dims import ParallelDims
 from titan_llava.distributed.parallelize import broadcast_replicated_params, parallelize_llava
 from titan_llava.distributed.utils import (
@@ -118,6 +119,7 @@ class Trainer:
             strict=cfg.data.strict,
             dataset=self.dataset,
         )
+        self.data_watch = WaitWatch(self.rank)  # warns while this rank waits long on its data
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.total_steps)
         self.step = 0
@@ -181,7 +183,8 @@ class Trainer:
     # ----- the step -----
     def _next_microbatches(self) -> tuple[list[Batch], float]:
         t0 = time.perf_counter()
-        batches = [next(self._data_iter) for _ in range(self.grad_accum)]
+        with self.data_watch.waiting(self.step):
+            batches = [next(self._data_iter) for _ in range(self.grad_accum)]
         wait = time.perf_counter() - t0
         # Loss positions and (on CUDA, where packed rows run on a varlen kernel) the rows' document
         # boundaries, built on the host where they cost no device sync.
@@ -392,6 +395,7 @@ class Trainer:
         if hasattr(self, "checkpointer"):
             self.checkpointer.close()
         self.data_loader.close()
+        self.data_watch.close()
         if getattr(self, "manifest", None) is not None:
             self.manifest.close()
         self.metrics.close()

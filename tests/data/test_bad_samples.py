@@ -44,7 +44,8 @@ BAD = {
         "conversations": _turns(("human", "<image>\n<image>\nTwo?"), ("gpt", "One.")),
     },
     "bad_conversation": {"conversations": _turns(("human", "a"), ("human", "b"))},  # roles not alternating
-    "empty_turn": {"conversations": _turns(("human", "Hello?"), ("gpt", "   "))},
+    # Ends on a question: the reference would mask all of it (its length check fails).
+    "dangling_human_turn": {"conversations": _turns(("human", "Hello?"), ("gpt", "Hi."), ("human", "And?"))},
     "malformed_record": {"image": 5, "conversations": _turns(("human", "<image>\nHi"), ("gpt", "Yo"))},
     # Valid JSON ("\ud800" escapes) but not valid Unicode: no tokenizer or file name takes it.
     "surrogate_text": {"conversations": _turns(("human", "Hi \ud800"), ("gpt", "Yo"))},
@@ -52,9 +53,9 @@ BAD = {
     # A named pipe (opening it for reading would wait for a writer forever).
     "not_a_regular_file": {"image": "fifo.jpg", "conversations": _turns(("human", "<image>\nHi"), ("gpt", "Yo"))},
 }
-# Empty turns are malformed conversations for the conversation module.
+# A dangling human turn is a malformed conversation for the conversation module.
 EXPECTED_REASON = {
-    **{k: k for k in BAD}, "empty_turn": "bad_conversation", "surrogate_text": "bad_conversation",
+    **{k: k for k in BAD}, "dangling_human_turn": "bad_conversation", "surrogate_text": "bad_conversation",
     "surrogate_path": "image_path_invalid", "not_a_regular_file": "image_unreadable",
 }
 

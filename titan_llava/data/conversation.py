@@ -51,8 +51,6 @@ def _validated_turns(conversations: Any) -> list[tuple[str, str]]:
             raise _bad(f"turn {i} has unknown role {role!r} (expected 'human' or 'gpt')")
         if not isinstance(value, str):
             raise _bad(f"turn {i} value is {type(value).__name__}, not a string")
-        if not value.strip():
-            raise _bad(f"turn {i} ({role}) is empty")
         try:  # JSON can carry lone UTF-16 surrogates, which no tokenizer can encode
             value.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -96,13 +94,13 @@ def encode_with_images(text: str, tokenizer: Tokenizer, bos: bool = True) -> lis
 
 
 def vicuna_v1_prompt(turns: Sequence[tuple[str, str]]) -> str:
-    """The vicuna_v1 prompt: system + " " + "USER: q ASSISTANT: a</s>" per round."""
+    """The vicuna_v1 prompt: system + " " + "USER: q ASSISTANT: a</s>" per round. An empty turn
+    is its bare role ("USER:", no separator), as in the reference; the mask arithmetic then
+    treats it as the reference does (often a tokenization mismatch: the sample is masked)."""
     parts = [VICUNA_SYSTEM, VICUNA_SEP]
     for role, value in turns:
-        if role == HUMAN_ROLE:
-            parts += [VICUNA_USER, ": ", value, VICUNA_SEP]
-        else:
-            parts += [VICUNA_ASSISTANT, ": ", value, VICUNA_SEP2]
+        name, sep = (VICUNA_USER, VICUNA_SEP) if role == HUMAN_ROLE else (VICUNA_ASSISTANT, VICUNA_SEP2)
+        parts += [name, ": ", value, sep] if value else [name, ":"]
     return "".join(parts)
 
 
