@@ -263,7 +263,7 @@ def test_packed_modality_grouping_uses_the_megabatch_in_samples() -> None:
     loader = make_loader(packing=True, group_by_modality_length=True, global_batch_size=4,
                          modality_megabatch=6)
     sampler = loader._packer.sampler
-    assert (sampler.batch_size, sampler.global_batch_size) == (1, 6)
+    assert (sampler.batch_size, sampler.global_batch_size) == (6, 6)  # one rank: the whole megabatch
     batch = next(iter(loader))
     assert batch.input_ids.shape[0] == 2  # still local_batch_size rows
     state = loader.state_dict()
@@ -297,3 +297,37 @@ def test_epoch_progress_counts_the_samples_handed_out(mode: str, tmp_path) -> No
         assert wrapped
         skips += skipped
     assert skips >= 2  # the bad sample, once an epoch, on whichever rank it falls to
+
+
+def test_packed_modality_grouping_gives_each_rank_a_balanced_share_of_every_megabatch(tmp_path) -> None:
+    """With packing, each rank takes one contiguous share of every megabatch, the shares balanced
+    by length (the reference's split of a megabatch into per-device batches). Dealt one sample at
+    a time, rank 0 got the longest of every 4 and packed fewer samples a step than the others, so
+    the ranks drifted apart in the data, megabatch after megabatch."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(640):
+        words = " ".join(["w"] * int(rng.integers(5, 400)))
+        image = {"image": "images/img00.jpg"} if rng.random() < 0.9 else {}
+        records.append({"id": f"s{i}", **image, "conversations": [
+            {"from": "human", "value": ("<image>\n" if image else "") + words}, {"from": "gpt", "value": "ok"}]})
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    world, megabatch = 4, 32
+    orders = [make_loader(path=str(path), packing=True, group_by_modality_length=True, global_batch_size=4,
+                          modality_megabatch=megabatch, dp_rank=r, dp_world_size=world)._packer.sampler.epoch_indices(0)
+              for r in range(world)]
+    lengths = np.array([len(r["conversations"][0]["value"].split()) for r in records])
+    modality = np.array(["image" in r for r in records])
+    share = megabatch // world
+    for m in range(len(orders[0]) // share):
+        shares = [order[m * share:(m + 1) * share] for order in orders]
+        # One megabatch: the ranks' shares are disjoint and all of one modality (except the
+        # reference's mixed last megabatch).
+        assert len(set(np.concatenate(shares).tolist())) == megabatch
+        if m < len(orders[0]) // share - 1:
+            assert len(set(modality[np.concatenate(shares)].tolist())) == 1
+    means = [lengths[order].mean() for order in orders]
+    assert max(means) / min(means) < 1.02, means

@@ -194,8 +194,8 @@ def build_data_loader(
     `image_size`/`patch_size`: the vision tower's tile and patch (token counts depend on them).
     `global_batch_size` (samples per optimizer step over all ranks) sets the modality-grouping
     megabatch, as the reference does; default local_batch_size * dp_world_size. With packing,
-    rows are not samples: `modality_megabatch` (samples) sets it instead, dealt one sample at a
-    time round-robin to the ranks. `num_workers` 0
+    rows are not samples: `modality_megabatch` (samples) sets it instead, and each rank takes one
+    contiguous, length-balanced share of every megabatch. `num_workers` 0
     processes samples in the loader's thread; otherwise in threads (default) or processes.
     `dataset` reuses an already built index of `path`. Packing: rows of up to `packing_row_len`
     tokens (default max_seq_len; samples are truncated at max_seq_len either way) planned with a
@@ -226,10 +226,11 @@ def build_data_loader(
     )
     processor = SampleProcessor(dataset, tokenizer, config)
     grouped_packing = packing and group_by_modality_length
-    if grouped_packing and not modality_megabatch:
+    if grouped_packing and (not modality_megabatch or modality_megabatch % dp_world_size):
         raise ValueError(
             "data.group_by_modality_length with data.packing needs data.modality_megabatch "
-            "(samples per megabatch)"
+            f"(samples per megabatch), a multiple of the {dp_world_size} data-parallel ranks; "
+            f"got {modality_megabatch}"
         )
     sampler = DistributedSampleSampler(
         len(dataset),
@@ -238,8 +239,11 @@ def build_data_loader(
         shuffle=shuffle,
         seed=seed,
         modality_lengths=dataset.modality_lengths if group_by_modality_length else None,
-        # Packed rows hold a varying number of samples: the grouping is in samples.
-        batch_size=1 if grouped_packing else local_batch_size,
+        # Packed rows hold a varying number of samples: the grouping is in samples. Each rank takes
+        # one contiguous share of every megabatch, the shares balanced by length as the reference
+        # balances its per-device batches. (Dealt one sample at a time, rank 0 would get the
+        # longest of every dp_world_size samples and fall behind the others step after step.)
+        batch_size=modality_megabatch // dp_world_size if grouped_packing else local_batch_size,
         global_batch_size=modality_megabatch if grouped_packing else global_batch_size,
     )
     node: BaseNode = ParallelMapper(
@@ -270,6 +274,9 @@ def build_data_loader(
         "global_batch_size": sampler.global_batch_size,
         # None unless grouped packing, so the key cannot block other runs saved before it existed.
         "modality_megabatch": modality_megabatch if grouped_packing else None,
+        # Each rank's contiguous share of a megabatch (runs saved before shares: one sample dealt
+        # at a time, another order, so their position cannot be resumed exactly).
+        "megabatch_share": modality_megabatch // dp_world_size if grouped_packing else None,
         "local_batch_size": local_batch_size,
         "packing": packing,
         # Only packing reads it; None otherwise so the setting cannot block an unpacked resume.
