@@ -37,6 +37,7 @@ from titan_llava.distributed.utils import (
     all_reduce_scalars,
     init_distributed,
     set_determinism,
+    set_matmul_precision,
     setup_logging,
 )
 from titan_llava.flops import peak_flops
@@ -63,6 +64,7 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
         set_determinism(cfg.job.seed)
+        set_matmul_precision(self.device, cfg.training.mixed_precision_param)
         self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
         self.model_args = resolve_model_args(cfg)
         validate_against_architecture(cfg, self.model_args, self.tokenizer.vocab_size)
@@ -74,10 +76,8 @@ class Trainer:
             logger.info(save_run_config(cfg, self.model_args))
 
         # An opt-in flash implementation is activated and checked before any model exists.
-        flash_impl.activate(
-            cfg.model.flash_attention_impl, cfg.model.attn_backend, self.model_args.llm,
-            self.device, getattr(torch, cfg.training.mixed_precision_param),
-        )
+        flash_impl.activate(cfg.model.flash_attention_impl, cfg.model.attn_backend, self.model_args.llm,
+                            self.device, getattr(torch, cfg.training.mixed_precision_param))
 
         # Meta model -> freeze/AC/compile/FSDP from outside -> real storage -> init -> weights.
         with torch.device("meta"):

@@ -302,3 +302,19 @@ def test_blocks_without_ac_cannot_exceed_the_blocks():
     blocks = torch.nn.ModuleDict({"0": _MLPBlock(), "1": _MLPBlock()})
     with pytest.raises(ValueError, match=r"without_ac must be in \[0, 2\].*got 3"):
         apply_activation_checkpointing(blocks, "full", "op", 3)
+
+
+def test_set_matmul_precision_is_tf32_for_mixed_precision_on_cuda_only():
+    """The recipe's tf32 for CUDA runs in bf16; a float32 run and a CPU run keep exact fp32."""
+    from titan_llava.distributed.utils import set_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not set_matmul_precision(torch.device("cpu"), "bfloat16")
+        assert not set_matmul_precision(torch.device("cuda"), "float32")
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert set_matmul_precision(torch.device("cuda"), "bfloat16")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

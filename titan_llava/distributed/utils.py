@@ -83,6 +83,15 @@ def set_determinism(seed: int, rank: int = 0, deterministic: bool = False) -> No
         torch.backends.cudnn.benchmark = False
 
 
+def set_matmul_precision(device: torch.device, param_dtype: str) -> bool:
+    """The recipe's tf32: on CUDA, fp32 matmuls of a mixed-precision run (e.g. parts kept in fp32)
+    run on TF32 tensor cores. A float32 run stays exact fp32. Returns whether TF32 was enabled."""
+    if device.type != "cuda" or param_dtype == "float32":
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
+
+
 def _is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
