@@ -127,7 +127,8 @@ def test_metrics_logger(tmp_path):
                        stream=out)
     rec = ml.log(10, loss=2.5, grad_norm=1.5, lr=1e-3, interval_s=4.0, steps_in_interval=10,
                  tokens=8000, text_tokens=2000, image_tokens=6000, samples=40, flops=4e12,
-                 data_wait_s=0.25, skipped={"image_missing": 2}, memory_gib=None)
+                 data_wait_s=0.25, skipped={"image_missing": 2}, memory_gib=None,
+                 data_events={"tokenization_mismatch": 3, "truncated": 1, "truncated_image_dropped": 0})
     ml.log(20, loss=2.0, grad_norm=1.0, lr=9e-4, interval_s=2.0, steps_in_interval=10, tokens=8000,
            text_tokens=2000, image_tokens=6000, samples=40, flops=4e12, data_wait_s=0.1)
     ml.close()
@@ -140,12 +141,15 @@ def test_metrics_logger(tmp_path):
     assert rec["mfu"] == 0.5  # 4e12 FLOPs / (4 s x 1e12 x 2 devices)
     assert rec["eta_s"] == pytest.approx(90 * 0.4)
     assert rec["skipped"] == {"image_missing": 2}
+    assert rec["data_events"] == {"tokenization_mismatch": 3, "truncated": 1, "truncated_image_dropped": 0}
+    assert lines[1]["data_events"] == {}
     for key in ("step", "loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "memory_gib",
                 "data_wait_s"):
         assert key in lines[1]
     text = out.getvalue().splitlines()
     assert len(text) == 2 and "step 10/100" in text[0] and "eta 0m36s" in text[0]
-    assert "skipped 2" in text[0] and "mfu 50.0%" in text[0]
+    assert "skipped 2" in text[0] and "mfu 50.0%" in text[0] and "masked (mismatch) 3" in text[0]
+    assert "mismatch" not in text[1]
     # Other ranks write nothing.
     other = tmp_path / "rank1"
     MetricsLogger(str(other), total_steps=1, rank=1).log(

@@ -196,6 +196,7 @@ class MetricsLogger:
         flops: float,
         data_wait_s: float,
         skipped: dict[str, int] | None = None,
+        data_events: dict[str, int] | None = None,
         memory_gib: float | None = None,
         alloc_retries: int | None = None,
         epoch: float | None = None,
@@ -225,6 +226,7 @@ class MetricsLogger:
             "data_wait_s": data_wait_s,
             "step_time_s": step_s,
             "skipped": dict(skipped or {}),
+            "data_events": dict(data_events or {}),
             "eta_s": max(self.total_steps - step, 0) * step_s,
         }
         if epoch is not None:
@@ -240,6 +242,7 @@ class MetricsLogger:
         self.stream.flush()
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         scalars.update({f"skipped/{k}": v for k, v in record["skipped"].items()})
+        scalars.update({f"data/{k}": v for k, v in record["data_events"].items()})
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
@@ -266,6 +269,8 @@ class MetricsLogger:
         n_skipped = sum(r["skipped"].values())
         if n_skipped:
             parts.append(f"skipped {n_skipped}")
+        if r["data_events"].get("tokenization_mismatch"):
+            parts.append(f"masked (mismatch) {r['data_events']['tokenization_mismatch']}")
         if r.get("epoch") is not None:
             parts.append(f"epoch {r['epoch']:.3f}")
         parts.append(f"eta {format_duration(r['eta_s'])}")

@@ -26,7 +26,7 @@ from titan_llava.config import JobConfig
 from titan_llava.config_validate import validate_against_architecture
 from titan_llava.data.batch import Batch
 from titan_llava.data.dataset import LlavaDataset
-from titan_llava.data.loader import build_data_loader
+from titan_llava.data.loader import build_data_loader, data_summary
 from titan_llava.data.manifest import ManifestWriter
 from titan_llava.data.tokenizer import Tokenizer
 from titan_llava.data.wait_watch import WaitWatch
@@ -311,7 +311,7 @@ class Trainer:
                 samples=int(totals["samples"]),
                 flops=totals["flops"],
                 data_wait_s=totals["data_wait_s"] / self.world_size,
-                skipped=all_reduce_counts(self.data_loader.skip_counts()),
+                **data_summary(all_reduce_counts(self.data_loader.counters())),  # all ranks
                 memory_gib=memory_gib,  # this rank's peak
                 alloc_retries=None if retries is None else int(totals["alloc_retries"]),  # all ranks
                 epoch=record.epoch,  # rank 0's data

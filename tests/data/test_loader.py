@@ -331,3 +331,24 @@ def test_packed_modality_grouping_gives_each_rank_a_balanced_share_of_every_mega
             assert len(set(modality[np.concatenate(shares)].tolist())) == 1
     means = [lengths[order].mean() for order in orders]
     assert max(means) / min(means) < 1.02, means
+
+
+def test_data_summary_counts_truncated_samples_and_mismatches(tmp_path) -> None:
+    """The metrics' `data_events` come from the loader's counters: samples cut at max_seq_len and
+    samples masked whole by the reference's length check, beside the skips."""
+    from titan_llava.data.loader import DATA_EVENTS, data_summary
+
+    short = {"id": "ok", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+    long = {"id": "long", "conversations": [{"from": "human", "value": "Count."},
+                                            {"from": "gpt", "value": " ".join(["one"] * 600)}]}
+    # A `</s>` inside an answer breaks the reference's round arithmetic: the sample is masked.
+    mismatch = {"id": "mm", "conversations": [{"from": "human", "value": "Hi?"},
+                                              {"from": "gpt", "value": "Yes.</s>USER: more"}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([short, long, mismatch]))
+    loader = make_loader(path=str(path), local_batch_size=3, shuffle=False)  # max_seq_len 400
+    next(iter(loader))
+    summary = data_summary(loader.counters())
+    assert summary["data_events"] == {"tokenization_mismatch": 1, "truncated": 1, "truncated_image_dropped": 0}
+    assert set(summary["data_events"]) == set(DATA_EVENTS)
+    assert summary["skipped"] == {}

@@ -35,6 +35,10 @@ def test_debug_config_end_to_end(tmp_path):
         assert r["tokens_per_sec"] > 0 and r["image_tokens_per_sec"] > 0
         # 4 of the 20 samples a step: the data's epochs used so far, into the second epoch.
         assert r["epoch"] == pytest.approx(r["step"] * 4 / 20)
+        assert set(r["data_events"]) == {"tokenization_mismatch", "truncated", "truncated_image_dropped"}
+    # Running totals: the sample data has one sample longer than max_seq_len, cut before an image.
+    assert all(a["data_events"]["truncated"] <= b["data_events"]["truncated"] for a, b in zip(records, records[1:]))
+    assert records[-1]["data_events"]["truncated_image_dropped"] == 1
     log = proc.stdout + proc.stderr
     assert "this rank's epoch 1 began in step 6" in log and "epoch 1.200" in log
     assert "training done: 6 steps, 1.2000 epochs of this rank's data" in log

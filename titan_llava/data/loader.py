@@ -160,6 +160,16 @@ class LlavaDataLoader:
         return skip_counts(self.counters())
 
 
+DATA_EVENTS = ("tokenization_mismatch", "truncated", "truncated_image_dropped")
+"""Counters of samples that were used but altered: masked whole (the reference's length check
+failed), cut at data.max_seq_len, and of those, cut back to before an image."""
+
+
+def data_summary(counters: dict[str, int]) -> dict[str, dict[str, int]]:
+    """The metrics' view of the loader's counters: `skipped` samples by reason, and `data_events`."""
+    return {"skipped": skip_counts(counters), "data_events": {k: counters.get(k, 0) for k in DATA_EVENTS}}
+
+
 def build_data_loader(
     path: str,
     image_folder: str | None,
