@@ -16,7 +16,7 @@ from tests.conftest import ASSETS
 from titan_llava.data.anyres import num_image_tokens
 from titan_llava.data.tokenizer import Tokenizer
 from titan_llava.hf.export import export_state_dict
-from titan_llava.hf.export_verify import synthetic_image, verify_export
+from titan_llava.hf.export_verify import load_processor, synthetic_image, verify_export
 from titan_llava.models.args import LLAVA_FLAVORS
 from titan_llava.models.llava import LlavaNext
 
@@ -105,7 +105,7 @@ def test_transformers_loads_with_no_missing_keys(exported):
 )
 def test_processor_image_token_count_matches_ours(exported, size):
     model, out, _ = exported
-    processor = transformers.LlavaNextProcessor.from_pretrained(out)
+    processor = load_processor(out)  # the PIL backend, whether or not torchvision is installed
     inputs = processor(
         images=synthetic_image(*size), text="<image>\nhi", return_tensors="pt"
     )
@@ -215,3 +215,26 @@ def test_bad_inputs_name_the_problem(tmp_path):
         export_state_dict(
             small.state_dict().items(), small.args, TOKENIZER, str(tmp_path / "d")
         )
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        export_state_dict(sd.items(), model.args, TOKENIZER, str(tmp_path / "file"))
+
+
+def test_config_names_the_dtype_both_ways(exported):
+    """`dtype` (transformers >= 4.56) and `torch_dtype` (older releases, and vLLM on them)."""
+    _, out, _ = exported
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    for section in (config, config["text_config"], config["vision_config"]):
+        assert section["dtype"] == section["torch_dtype"] == config["dtype"]
+
+
+def test_chat_template_renders_the_training_bos(exported):
+    """vLLM's chat endpoint and tokenizer.apply_chat_template(tokenize=True) add no BOS themselves."""
+    _, out, _ = exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    ids = hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert list(ids[:2]).count(hf_tok.bos_token_id) == 1 and ids[0] == hf_tok.bos_token_id

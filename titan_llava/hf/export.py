@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from titan_llava.hf.export_files import write_metadata_files
+from titan_llava.hf.export_files import tokenizer_info, write_metadata_files
 from titan_llava.hf.export_weights import (
     ExportReport,
     extra_vision_from_hf,
@@ -56,13 +56,17 @@ def export_state_dict(
             "Generation always tiles (anyres); export an anyres model"
         )
     dtype_name = str(dtype).removeprefix("torch.")
-    os.makedirs(out_dir, exist_ok=True)
-    tok = write_metadata_files(out_dir, model_args, tokenizer_path, dtype_name)
-    if tok.sp_size > model_args.llm.vocab_size:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--output {out_dir} exists and is not a directory")
+    # Checked before anything is written: a failed export leaves no half-written directory.
+    sp_size = tokenizer_info(tokenizer_path).sp_size
+    if sp_size > model_args.llm.vocab_size:
         raise ValueError(
-            f"{tokenizer_path}: the tokenizer has {tok.sp_size} pieces but the model only "
+            f"{tokenizer_path}: the tokenizer has {sp_size} pieces but the model only "
             f"{model_args.llm.vocab_size} vocab rows"
         )
+    os.makedirs(out_dir, exist_ok=True)
+    tok = write_metadata_files(out_dir, model_args, tokenizer_path, dtype_name)
     source = "given tensors"
     if extra_vision_tensors is None:
         extra_vision_tensors = extra_vision_from_init(model_args.vision, init_seed)

@@ -27,7 +27,10 @@ VOCAB_MULTIPLE = (
 # vicuna_v1 as a chat template (what titan_llava.data.conversation trains on): system + " ", then
 # "USER: " + one "<image>\n" per image + text + " " and "ASSISTANT: " + text + "</s>" per turn. The
 # generation prompt ends with "ASSISTANT:" (the model continues with " answer</s>").
+# It starts with the BOS token, as every training sample does: vLLM's chat endpoint and
+# `tokenizer.apply_chat_template(tokenize=True)` add no special tokens of their own.
 VICUNA_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
     "{%- set ns = namespace(system='" + VICUNA_SYSTEM.replace("'", "\\'") + "') -%}"
     "{%- for m in messages if m['role'] == 'system' -%}"
     "{%- if m['content'] is string -%}{%- set ns.system = m['content'] -%}"
@@ -107,6 +110,7 @@ def llava_next_config(args: LlavaNextArgs, tok: TokenizerInfo, dtype_name: str) 
         "eos_token_id": tok.eos_id,
         "pad_token_id": tok.pad_token_id,
         "dtype": dtype_name,
+        "torch_dtype": dtype_name,  # transformers < 4.56 (and vLLM on it) read only this name
     }
     vision_config = {
         "model_type": "clip_vision_model",
@@ -121,6 +125,7 @@ def llava_next_config(args: LlavaNextArgs, tok: TokenizerInfo, dtype_name: str) 
         "num_channels": 3,
         "projection_dim": 768,
         "dtype": dtype_name,
+        "torch_dtype": dtype_name,
     }
     return {
         "architectures": ["LlavaNextForConditionalGeneration"],
@@ -140,6 +145,7 @@ def llava_next_config(args: LlavaNextArgs, tok: TokenizerInfo, dtype_name: str) 
         "image_seq_length": vis.num_patches,
         "tie_word_embeddings": False,
         "dtype": dtype_name,
+        "torch_dtype": dtype_name,
     }
 
 

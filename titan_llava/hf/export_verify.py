@@ -75,6 +75,17 @@ def _greedy(
     return out
 
 
+def load_processor(out_dir: str):
+    """The exported LlavaNextProcessor with the PIL image backend, the one that reproduces
+    titan_llava's tiles bit for bit. transformers >= 5 picks its torchvision backend whenever
+    torchvision is installed (no config key can pin it), whose bicubic resize differs from PIL's."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    kw = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+    return transformers.LlavaNextProcessor.from_pretrained(out_dir, **kw)
+
+
 @torch.no_grad()
 def verify_export(
     out_dir: str,
@@ -93,7 +104,7 @@ def verify_export(
     hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(
         out_dir, dtype=torch.float32, use_safetensors=True
     ).eval()
-    processor = transformers.LlavaNextProcessor.from_pretrained(out_dir)
+    processor = load_processor(out_dir)
     ours = build_ours(torch.float32)
     for p in ours.parameters():
         p.copy_(p.to(export_dtype).float())
@@ -107,7 +118,11 @@ def verify_export(
         }
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    hf_inputs = processor(images=image, text=text, return_tensors="pt")
+    # The template renders the BOS itself: tokenise without adding another.
+    hf_inputs = processor(
+        images=image, text=text, return_tensors="pt", add_special_tokens=False
+    )
+    text = text.removeprefix(processor.tokenizer.bos_token)  # ours adds its BOS itself
     image_token_id = hf.config.image_token_index
 
     # Ours, from our own pipeline pieces: tokenizer, AnyRes tiles, token count.
