@@ -240,3 +240,79 @@ def test_pickled_entries_are_refused(tmp_path):
         dcp.load({"obj": {"a": None}}, checkpoint_id=step, planner=TensorOnlyLoadPlanner(),
                  no_dist=True)  # fmt: skip
     assert "is a pickled object, not a tensor: refused" in str(getattr(err.value, "failures", err))
+
+
+def test_sigterm_during_setup_stops_after_the_first_step_and_saves(tmp_path, straight):
+    """A preemption notice while the run is still setting up (indexing, loading weights) is kept
+    for the first step: that step is saved and the exit says "requeue" (75), not a crash (1)."""
+    dump = str(tmp_path)
+    p = train(dump, *RUN, fault="sigterm_setup@0")
+    ok(p, PREEMPTED)
+    assert "SIGTERM received during set-up" in p.stderr
+    assert complete_steps(ckpt(dump)) == ([1], [])
+    ok(train(dump, *RUN))
+    assert_same_history(metrics(dump), straight, 8)
+
+
+def test_async_save_is_published_once_written_not_at_the_next_save(tmp_path, straight):
+    """An asynchronous save becomes loadable as soon as every rank has written it (polled at each
+    step's end), so a crash before the next save resumes from it, not from the one before."""
+    dump = str(tmp_path)
+    ok(train(dump, *RUN, "--checkpoint.async_mode", "async", fault="accum@6"), -9)
+    assert complete_steps(ckpt(dump))[0] == [2, 4]  # step 4 published during step 5
+    p = train(dump, *RUN, "--checkpoint.async_mode", "async")
+    ok(p)
+    assert "step-4 (step 4" in p.stderr
+    assert_same_history(metrics(dump), straight, 8)
+
+
+def test_resume_follows_this_runs_schedule_and_refuses_other_data_or_trainables(tmp_path, straight):
+    """A resumed run's learning rates come from its own config: a run extended from 4 to 8 steps
+    takes the 8-step schedule's rates from step 5 on (not the 4-step cosine's final 0), and a
+    changed optimizer.lr applies with a warning. A data file with the same number of records in
+    another order, or another training.trainable, is refused (exit 2) naming what changed."""
+    dump = str(tmp_path / "extended")
+    ok(train(dump, *RUN, "--training.steps", "4"))
+    p = train(dump, *RUN)
+    ok(p)
+    lrs = {step: recs[-1][2] for step, recs in metrics(dump).items()}
+    assert [lrs[s] for s in range(5, 9)] == [straight[s][0][2] for s in range(5, 9)]
+    assert lrs[5] > 0
+
+    dump = str(tmp_path / "changed_lr")
+    ok(train(dump, *RUN, "--training.steps", "4"))
+    p = train(dump, *RUN, "--training.steps", "6", "--optimizer.lr", "2e-3")
+    ok(p)
+    assert "differ from the checkpoint's" in p.stderr
+    lrs = {step: recs[-1][2] for step, recs in metrics(dump).items()}
+    straight6 = train(str(tmp_path / "straight6"), *RUN, "--training.steps", "6", "--checkpoint.enable", "false")
+    ok(straight6)
+    expected = {step: recs[0][2] for step, recs in metrics(str(tmp_path / "straight6")).items()}
+    assert lrs[5] == pytest.approx(2 * expected[5], rel=1e-12) and lrs[6] == pytest.approx(2 * expected[6], rel=1e-12)
+
+    with open(os.path.join(ROOT, "tests", "assets", "sample_data", "finetune.json")) as f:
+        records = json.load(f)
+    reordered = tmp_path / "reordered.json"
+    reordered.write_text(json.dumps(records[::-1]))
+    p = train(dump, *RUN, "--data.path", str(reordered))
+    ok(p, 2)
+    assert "sample_ids_digest" in p.stderr
+    p = train(dump, *RUN, "--training.trainable", '["projector"]')
+    ok(p, 2)
+    assert "training.trainable" in p.stderr
+
+
+def test_a_step_folder_is_unmarked_before_it_is_deleted(tmp_path, monkeypatch):
+    """Deleting a step folder takes its completion marker first: a kill in the middle of the
+    deletion (rmtree goes in directory order, shards first on ext4) never leaves a folder that
+    looks complete without its shards."""
+    from titan_llava import checkpoint as checkpoint_mod
+
+    folder = tmp_path / "checkpoint" / "step-6"
+    folder.mkdir(parents=True)
+    for name in ("__0_0.distcp", ".metadata", COMPLETE_MARKER):
+        (folder / name).write_text("x")
+    assert complete_steps(str(tmp_path / "checkpoint")) == ([6], [])
+    monkeypatch.setattr(checkpoint_mod.shutil, "rmtree", lambda *a, **k: None)  # killed before it ran
+    checkpoint_mod._discard_step_dir(str(folder))
+    assert complete_steps(str(tmp_path / "checkpoint"))[0] == []

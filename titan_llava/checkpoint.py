@@ -46,6 +46,20 @@ PREEMPTED_EXIT_CODE = 75
 TERMINATED_EXIT_CODE = 143
 
 
+_EARLY_SIGTERM = False  # a SIGTERM that arrived before the trainer's own handler was installed
+
+
+def install_early_sigterm_handler() -> None:
+    """From the first line of main(): a preemption notice during set-up (loading a 7B checkpoint,
+    indexing the data) is remembered instead of killing the process (exit 1: never requeued)."""
+
+    def handler(signum, frame):
+        global _EARLY_SIGTERM
+        _EARLY_SIGTERM = True
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -145,9 +159,13 @@ class CheckpointManager:
         self._inflight: tuple[int, Future] | None = None
         self._sigterm = False
         self._async_pg = None
+        self._poll_pg = None
         if self.ck.enable and self.ck.async_mode == "async" and _dist():
             # The upload thread's collectives must not interleave with the training ones.
             self._async_pg = dist.new_group(backend="gloo")
+            # Whether every rank's upload is done: a group of its own, never the upload's (whose
+            # last collectives may still be queued on a rank whose main thread asks).
+            self._poll_pg = dist.new_group(backend="gloo")
 
     # ----- preemption -----
     def install_sigterm_handler(self) -> None:
@@ -155,6 +173,9 @@ class CheckpointManager:
             self._sigterm = True
 
         signal.signal(signal.SIGTERM, handler)
+        if _EARLY_SIGTERM:  # got during set-up: stop (and save) after the first step
+            logger.warning("SIGTERM received during set-up: stopping after the first step")
+            self._sigterm = True
 
     @property
     def sigterm_received(self) -> bool:
@@ -203,7 +224,10 @@ class CheckpointManager:
 
     def maybe_save(self, step: int, force: bool = False) -> None:
         """Save at every checkpoint.interval-th step, or when forced (last step, preemption)."""
-        if not self.ck.enable or self._last_saved_step == step:
+        if not self.ck.enable:
+            return
+        self._poll_inflight()
+        if self._last_saved_step == step:
             return
         if force or self.save_due(step):
             self.save(step)
@@ -235,6 +259,18 @@ class CheckpointManager:
             self._finalize_inflight()
         self._last_saved_step = step
 
+    def _poll_inflight(self) -> None:
+        """Publish an asynchronous save as soon as every rank's upload is done (collective, on
+        a gloo group of its own), not only when the next save starts: otherwise a crash in the
+        interval after a fully written checkpoint still resumes from the one before it."""
+        if self._inflight is None or self._inflight[1] is None:
+            return
+        done = torch.tensor([1 if self._inflight[1].done() else 0], dtype=torch.int64)
+        if _dist():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._poll_pg)
+        if int(done.item()):
+            self._finalize_inflight()
+
     def _finalize_inflight(self) -> None:
         """Wait for the in-flight save, then make it visible: marker, rename, prune (collective)."""
         if self._inflight is None:
@@ -254,7 +290,7 @@ class CheckpointManager:
                 os.fsync(f.fileno())
             maybe_crash("before_rename", step, self.rank)
             if os.path.exists(final):  # an older save of the same step (e.g. after a resume)
-                shutil.rmtree(final)
+                _discard_step_dir(final)
             os.rename(tmp, final)
             logger.info(f"checkpoint saved: {final}")
             self._prune()
@@ -264,11 +300,11 @@ class CheckpointManager:
     def _prune(self) -> None:
         steps, incomplete = complete_steps(self.folder)
         for name in incomplete:  # leftovers of crashed saves (nothing is in flight here)
-            shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+            _discard_step_dir(os.path.join(self.folder, name))
         k = self.ck.keep_latest_k
         if k > 0:
             for old in steps[:-k]:
-                shutil.rmtree(os.path.join(self.folder, step_dir_name(old)), ignore_errors=True)
+                _discard_step_dir(os.path.join(self.folder, step_dir_name(old)))
 
     def finish(self) -> None:
         """End of a run (all ranks): wait for and publish an in-flight asynchronous save."""
@@ -320,12 +356,27 @@ class CheckpointManager:
         rng_keys = [k for k in self._rank_entries() if f"train_state.{k}" in meta]
         for k in rng_keys:
             sd["train_state"][k] = _alloc(meta, f"train_state.{k}")
+        missing = [
+            fqn for fqn, st in sd["optimizer"]["state"].items()
+            if any(f"optimizer.state.{fqn}.{name}" not in meta for name in st)
+        ]
+        if missing:
+            raise ValueError(
+                f"{key}: {step_dir} has no optimizer state for {len(missing)} parameters that train "
+                f"here (e.g. {missing[0]}): training.trainable differs from the saved run's. Restore "
+                "it, or start a new run from these weights with --checkpoint.initial_load_path "
+                f"{step_dir} --checkpoint.initial_load_model_only true"
+            )
         dcp.load(sd, storage_reader=_reader(step_dir, key), planner=TensorOnlyLoadPlanner())
 
         set_model_state_dict(self.model, sd["model"])
         fresh = get_optimizer_state_dict(self.model, self.optimizer)
         groups = blob_to_json(sd["optimizer"]["param_groups"])
-        assert len(groups) == len(fresh["param_groups"]), "optimizer param groups changed"
+        if len(groups) != len(fresh["param_groups"]):
+            raise ValueError(
+                f"{key}: {step_dir} has {len(groups)} optimizer parameter groups, this run "
+                f"{len(fresh['param_groups'])}: training.trainable differs from the saved run's"
+            )
         for g, saved in zip(fresh["param_groups"], groups):
             g.update(saved)
         set_optimizer_state_dict(
@@ -334,8 +385,26 @@ class CheckpointManager:
             {"state": sd["optimizer"]["state"], "param_groups": fresh["param_groups"]},
         )
         sched = self.lr_scheduler.state_dict()
-        sched.update(blob_to_json(sd["lr_scheduler"]))
+        config_lrs = list(self.lr_scheduler.base_lrs)  # this run's optimizer.*lr
+        saved_sched = blob_to_json(sd["lr_scheduler"])
+        sched.update(saved_sched)
         self.lr_scheduler.load_state_dict(sched)
+        # The schedule continues as this run's config defines it (training.steps, warmup,
+        # optimizer lrs) from the restored step: the restored group lrs were computed by the saved
+        # run's schedule (an extended run would take its first step at the old final lr, 0 for a
+        # cosine to 0), and base_lrs would silently keep the saved run's optimizer.lr. With an
+        # unchanged config this recomputes the saved values bit for bit.
+        if saved_sched.get("base_lrs", config_lrs) != config_lrs:
+            logger.warning(
+                f"optimizer learning rates {config_lrs} differ from the checkpoint's "
+                f"{saved_sched['base_lrs']}: the schedule continues with this run's"
+            )
+        sch = self.lr_scheduler
+        sch.base_lrs = config_lrs
+        for g, base, fn in zip(self.optimizer.param_groups, config_lrs, sch.lr_lambdas):
+            g["initial_lr"] = base
+            g["lr"] = base * fn(sch.last_epoch)
+        sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         if data:
             entry = rank_key.split(".", 1)[1]
             self.data_loader.load_state_dict(
@@ -362,6 +431,15 @@ class CheckpointManager:
             elif k.endswith(".python_rng"):
                 state = blob_to_json(ts[k])["python"]
                 random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def _discard_step_dir(path: str) -> None:
+    """Delete a step folder so that no crash midway leaves it looking complete: the marker goes
+    first (rmtree deletes in directory order, shards before .complete/.metadata on ext4)."""
+    marker = os.path.join(path, COMPLETE_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def json_to_blob_raw(b: bytes) -> torch.Tensor:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from titan_llava.checkpoint_io import maybe_crash
+from titan_llava.checkpoint import install_early_sigterm_handler
+from titan_llava.checkpoint_io import maybe_crash, maybe_sigterm
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.trainer import Trainer
@@ -21,9 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     2 a configuration or input error found during set-up (the message
     names the key, file or sample); anything else is a crash with its traceback."""
     trainer, finished = None, False
+    install_early_sigterm_handler()
     try:
         try:
             cfg = load_config(argv)
+            # Test hook (TITAN_LLAVA_FAULT=sigterm_setup@0): a preemption notice during set-up.
+            maybe_sigterm("setup", 0, int(os.environ.get("RANK", "0")))
             trainer = Trainer(cfg)
         except ValueError as e:
             # User errors (ValueError by convention) before any training work: no traceback.

@@ -6,6 +6,7 @@ chunks); a record is read back with one `pread` + `json.loads`, so workers share
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -176,12 +177,14 @@ class LlavaDataset:
         offsets: list[int] = []
         sizes: list[int] = []
         lengths: list[int] = []
+        ids = hashlib.sha256()  # the records' ids in file order: what a resume position refers to
         total = os.path.getsize(path)
         t0 = last = time.monotonic()
         for offset, size, record in scan(path):
             offsets.append(offset)
             sizes.append(size)
             lengths.append(modality_length(record_stats(record)))
+            ids.update(repr(record.get("id") if isinstance(record, dict) else None).encode() + b"\0")
             if progress and len(offsets) % 100_000 == 0 and time.monotonic() - last > 1.0:
                 last = time.monotonic()
                 print(
@@ -192,6 +195,7 @@ class LlavaDataset:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.uint32)
         self.modality_lengths = np.asarray(lengths, dtype=np.int32)
+        self.ids_digest = ids.hexdigest()[:16]
         self._fd: int | None = None
         self._fd_pid = -1
 

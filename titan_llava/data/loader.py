@@ -7,6 +7,7 @@ DP rank as TorchTitan does, so DCP saves one entry per rank.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -115,7 +116,11 @@ class LlavaDataLoader:
         if saved.get("packing") and "packing_lookahead" not in saved:
             # Saved before these settings existed: that packer was greedy in max_seq_len rows.
             saved = {**saved, "packing_lookahead": 1, "packing_row_len": saved.get("max_seq_len")}
-        changed = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
+        changed = {
+            k: (saved.get(k), v)
+            for k, v in self.fingerprint.items()
+            if saved.get(k) != v and not (k.endswith("_digest") and k not in saved)  # older saves
+        }
         if changed:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise ValueError(
@@ -278,6 +283,15 @@ def build_data_loader(
         node = PinMemory(node)
     fingerprint = {
         "num_samples": len(dataset),
+        # Which record each index is (a reordered or replaced file of the same length would
+        # otherwise resume at the same position of a different order), and, when grouping, the
+        # lengths the grouped order is drawn from.
+        "sample_ids_digest": dataset.ids_digest,
+        "modality_lengths_digest": (
+            hashlib.sha256(dataset.modality_lengths.tobytes()).hexdigest()[:16]
+            if group_by_modality_length
+            else None
+        ),
         "seed": seed,
         "shuffle": shuffle,
         "group_by_modality_length": group_by_modality_length,
