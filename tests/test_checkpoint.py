@@ -297,6 +297,8 @@ def test_resume_follows_this_runs_schedule_and_refuses_other_data_or_trainables(
     p = train(dump, *RUN, "--data.path", str(reordered))
     ok(p, 2)
     assert "sample_ids_digest" in p.stderr
+    with open(os.path.join(dump, "config.json")) as f:  # a refused resume leaves the run's record
+        assert json.load(f)["data"]["path"] != str(reordered)
     p = train(dump, *RUN, "--training.trainable", '["projector"]')
     ok(p, 2)
     assert "training.trainable" in p.stderr

@@ -72,8 +72,6 @@ class Trainer:
         # The data index (a malformed file is a set-up error) and the run's length.
         self.dataset = LlavaDataset(cfg.data.path)
         self.total_steps = cfg.resolve_steps(len(self.dataset))
-        if self.rank == 0:  # only a config that passed every check is saved
-            logger.info(save_run_config(cfg, self.model_args))
 
         # An opt-in flash implementation is activated and checked before any model exists.
         flash_impl.activate(cfg.model.flash_attention_impl, cfg.model.attn_backend, self.model_args.llm,
@@ -149,6 +147,8 @@ class Trainer:
         )
         # Before the data loader is iterated; a checkpoint that cannot resume here is a set-up error.
         self.step = self.checkpointer.maybe_resume()
+        if self.rank == 0:  # only a config that passed every check (the resume's too) is saved
+            logger.info(save_run_config(cfg, self.model_args))
         self.checkpointer.install_sigterm_handler()
         self.manifest = None
         if cfg.data.manifest:
