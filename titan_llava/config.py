@@ -185,6 +185,12 @@ class Parallelism:
     blocks) or "tower" (the whole tower one unit: one all-gather of its ~0.6 GB of bf16 weights
     and one gradient reduce-scatter instead of 23 of each, and 22 fewer sets of FSDP hooks per
     forward and backward; the tower's per-layer work at LLaVA-NeXT's tile counts is small)."""
+    init_timeout_seconds: int = 1800
+    """Timeout of every collective until the first step has finished (set-up, weight loading,
+    the first compile and step)."""
+    train_timeout_seconds: int = 600
+    """Timeout of every collective from then on (including checkpoint saves): a rank that died or
+    hangs stops the others within this time instead of holding every GPU for init_timeout."""
     replicate_frozen: bool = False
     """Keep the parts that do not train (stage 1: Vicuna and CLIP) whole on every rank instead of
     sharding them. They have no gradients and no optimizer state, so sharding only saves their

@@ -20,6 +20,9 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     dp = dims.dp_degree
     if t.local_batch_size <= 0:
         raise ValueError(f"training.local_batch_size must be > 0, got {t.local_batch_size}")
+    for key in ("init_timeout_seconds", "train_timeout_seconds"):
+        if getattr(cfg.parallelism, key) <= 0:
+            raise ValueError(f"parallelism.{key} must be > 0, got {getattr(cfg.parallelism, key)}")
     if cfg.parallelism.replicate_frozen and cfg.frozen_dtype() != t.mixed_precision_param:
         raise ValueError(
             "parallelism.replicate_frozen needs frozen parameters stored in the compute dtype: "

@@ -14,7 +14,7 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from titan_llava.flops import document_lengths, step_flops
+from titan_llava.flops import document_lengths, peak_flops, step_flops
 from titan_llava.models.args import LlavaNextArgs
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,18 @@ class MetricsLogger:
 
     All counts passed to `log` are totals over ALL ranks since the previous `log` call (the caller
     all-reduces them); `interval_s` is the wall time of that interval."""
+
+    @classmethod
+    def for_run(
+        cls, cfg: Any, total_steps: int, rank: int, world_size: int, device: torch.device
+    ) -> MetricsLogger:
+        """The logger a training run's config asks for (its dump folder, [metrics] backends)."""
+        m = cfg.metrics
+        return cls(
+            cfg.job.dump_folder, total_steps, rank=rank, world_size=world_size,
+            peak_flops_per_device=peak_flops(device), enable_tensorboard=m.enable_tensorboard,
+            tb_folder=m.save_tb_folder, enable_wandb=m.enable_wandb, config=cfg.to_dict(),
+        )
 
     def __init__(
         self,

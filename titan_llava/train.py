@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from titan_llava.checkpoint import install_early_sigterm_handler
 from titan_llava.checkpoint_io import maybe_crash, maybe_sigterm
 from titan_llava.config import load_config
@@ -16,6 +18,7 @@ from titan_llava.trainer import Trainer
 EXIT_CONFIG_ERROR = 2
 
 
+@record  # under torchrun: the failing rank's traceback goes into torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint;
     143 (TERMINATED_EXIT_CODE) stopped by SIGTERM with checkpointing off (nothing saved);

@@ -36,11 +36,11 @@ from titan_llava.distributed.utils import (
     all_reduce_counts,
     all_reduce_scalars,
     init_distributed,
+    set_collective_timeout,
     set_determinism,
     set_matmul_precision,
     setup_logging,
 )
-from titan_llava.flops import peak_flops
 from titan_llava.loss import cross_entropy_sum_at, global_valid_tokens, normalize_loss
 from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, plan_line, step_counts
 from titan_llava.models import attention, flash_impl
@@ -56,11 +56,14 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
-        self.rank, self.world_size, self.device = init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(cfg.parallelism.init_timeout_seconds)
         setup_logging(self.rank)
         # Config errors must surface before any work (and on every rank alike).
         cfg.validate(self.world_size)
         cfg.validate_paths()
+        # Every rank's warnings (skipped samples by id) also in <dump>/logs/rank<r>.log: run_train.sh
+        # shows rank 0's output only.
+        setup_logging(self.rank, log_dir=os.path.join(cfg.job.dump_folder, "logs"))
         self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
         set_determinism(cfg.job.seed)
@@ -126,16 +129,8 @@ class Trainer:
         self.step_check = StepCheck(self.optimizer)
         self.window = StepWindow()
         self.device_memory = DeviceMemory(self.device)  # logs the allocator settings (CUDA)
-        self.metrics = MetricsLogger(
-            cfg.job.dump_folder,
-            self.total_steps,
-            rank=self.rank,
-            world_size=self.world_size,
-            peak_flops_per_device=peak_flops(self.device),
-            enable_tensorboard=cfg.metrics.enable_tensorboard,
-            tb_folder=cfg.metrics.save_tb_folder,
-            enable_wandb=cfg.metrics.enable_wandb,
-            config=cfg.to_dict(),
+        self.metrics = MetricsLogger.for_run(
+            cfg, self.total_steps, self.rank, self.world_size, self.device
         )
         # A tile of zeros that keeps the vision tower's collectives in step on ranks whose
         # micro-batch has no image (FSDP all-gathers must be issued by every rank).
@@ -334,7 +329,7 @@ class Trainer:
         logger.info(plan_line(cfg, self.total_steps, dp, self.grad_accum, defer))
         self.window.reset()
         self.step_check.pending = None
-        epoch = self.data_loader.epoch_progress()
+        epoch, first_step = self.data_loader.epoch_progress(), self.step + 1
         while self.step < self.total_steps:
             self.step += 1
             microbatches, data_wait = self._next_microbatches()
@@ -351,9 +346,12 @@ class Trainer:
                 epoch=self.data_loader.epoch_progress(),
             )
             if math.ceil(record.epoch) > max(math.ceil(epoch), 1):  # samples of a new epoch
-                logger.info(f"data: this rank's epoch {math.ceil(record.epoch) - 1} began in step {self.step}")
+                new_epoch = math.ceil(record.epoch) - 1
+                logger.info(f"data: this rank's epoch {new_epoch} began in step {self.step}")
             epoch = record.epoch
             self.train_step(microbatches, record)
+            if self.step == first_step:  # set-up and the first compile are behind every rank
+                set_collective_timeout(cfg.parallelism.train_timeout_seconds, self.mesh)
             # Read now (a host sync) where the host needs the numbers before going on: the log
             # line, a checkpoint (never of a step not yet checked), the end, a stop; otherwise
             # the next step reads them once its own work is queued.

@@ -4,6 +4,7 @@ single-process losses; ranks with different modalities in a step never hang."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -62,7 +63,8 @@ def test_hsdp_2x2_matches_single_process(hf_dir, single_process, tmp_path):
     _assert_same_losses(read_metrics(dump), single_process)
 
 
-def test_text_only_rank_beside_multimodal_rank_does_not_hang(tmp_path):
+@pytest.mark.parametrize("aspect", ["anyres", "pad"])
+def test_text_only_rank_beside_multimodal_rank_does_not_hang(tmp_path, aspect):
     """Rank 0 gets only text-only samples, rank 1 only image samples; every part trains, so the
     vision tower's all-gathers and reduce-scatters must run on both ranks in every step."""
     with open(f"{SAMPLE_DATA}/finetune.json") as f:
@@ -80,6 +82,8 @@ def test_text_only_rank_beside_multimodal_rank_does_not_hang(tmp_path):
             "--data.path", str(data), "--data.shuffle", "false", "--training.steps", "2",
             "--training.local_batch_size", "1", "--training.global_batch_size", "2",
             "--checkpoint.enable", "false", "--training.trainable", "projector,llm,vision",
+            # pad: image_newline gets no gradient from real images; the stand-in must not give it one
+            "--model.image_aspect_ratio", aspect,
         ],
         nproc=2,
         timeout=180,  # a hang is a failure, not a stuck suite
@@ -111,3 +115,28 @@ def test_skipped_samples_are_summed_over_ranks(tmp_path):
     )
     records = read_metrics(dump)
     assert records[-1]["skipped"] == {"image_missing": 1}, records[-1]["skipped"]
+    # The skip's warning, with the sample id, is in rank 1's own log file (run_train.sh shows
+    # rank 0's output only).
+    with open(os.path.join(dump, "logs", "rank1.log")) as f:
+        assert "'broken-1'" in f.read()
+    with open(os.path.join(dump, "logs", "rank0.log")) as f:
+        assert "broken-1" not in f.read()
+
+    # strict: the error is rank 1's alone, and its message reaches torchrun's failure summary.
+    proc = run_train(
+        str(tmp_path / "strict"),
+        [
+            "--data.path", str(data), "--data.shuffle", "false", "--training.steps", "2",
+            "--training.local_batch_size", "1", "--training.global_batch_size", "2",
+            "--checkpoint.enable", "false", "--data.strict", "true",
+        ],
+        nproc=2,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "broken-1" in out and "image_missing" in out
+    # torchrun's summary carries the failing rank's traceback (main is wrapped in @record).
+    summary = out[out.index("Root Cause"):]
+    assert "BadSampleError" in summary and "To enable traceback" not in summary

@@ -46,6 +46,19 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def set_collective_timeout(timeout_s: int, mesh=None) -> None:
+    """Change the timeout of the default process group and of `mesh`'s groups (after set-up)."""
+    if not _is_dist():
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    groups = [None]
+    if mesh is not None:
+        groups += [mesh.get_group(i) for i in range(mesh.ndim)]
+    for group in groups:
+        _set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
 def destroy_distributed(barrier: bool = True) -> None:
     """Tear the process groups down while the interpreter is fully alive.
 
@@ -62,10 +75,18 @@ def destroy_distributed(barrier: bool = True) -> None:
     gc.collect()
 
 
-def setup_logging(rank: int, level: int = logging.INFO) -> None:
-    """INFO logs on rank 0 only; other ranks log warnings and errors (prefixed by their rank)."""
+def setup_logging(rank: int, level: int = logging.INFO, log_dir: str | None = None) -> None:
+    """INFO logs on rank 0 only; other ranks log warnings and errors (prefixed by their rank).
+    log_dir: also write them to <log_dir>/rank<r>.log. run_train.sh (torchrun
+    --local-ranks-filter) shows rank 0's output only, so another rank's warnings (skipped samples
+    by id and reason) would otherwise be in torchrun's temporary folder, unnamed."""
     fmt = f"[rank{rank}] %(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(format=fmt, level=level if rank == 0 else logging.WARNING, force=True)
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(log_dir, f"rank{rank}.log"))
+        handler.setFormatter(logging.Formatter(fmt))
+        logging.getLogger().addHandler(handler)
 
 
 def set_determinism(seed: int, rank: int = 0, deterministic: bool = False) -> None:

@@ -138,7 +138,13 @@ class LlavaNext(nn.Module):
             h_BSD = self.language_model.tok_embeddings(input_ids)
             unused_TPD = self.projector(self.vision_tower(pixel_values))
             # A zero-weighted term keeps the tower in the autograd graph (gradients exactly 0).
-            h_BSD = h_BSD + 0.0 * unused_TPD.sum().to(h_BSD.dtype) * self.image_newline[0].to(h_BSD.dtype)
+            keep = 0.0 * unused_TPD.sum().to(h_BSD.dtype)
+            # image_newline only where a real image would use it too (anyres): in pad/resize mode
+            # it gets no gradient on ranks with images, and FSDP2 must see the same set of
+            # gradients on every rank (the root unit's reduce-scatter).
+            if self.args.image_aspect_ratio == "anyres":
+                keep = keep * self.image_newline[0].to(h_BSD.dtype)
+            h_BSD = h_BSD + keep
         else:
             h_BSD = self._embed_with_images(input_ids, pixel_values, image_sizes)
         return self.language_model(
