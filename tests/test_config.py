@@ -148,6 +148,8 @@ def test_validate_batch_and_parallelism():
          "must be a positive multiple of the data-parallel degree"),
         (["--parallelism.replicate_frozen", "--training.frozen_param_dtype", "float32"],
          "training.frozen_param_dtype is 'float32' but training.mixed_precision_param"),
+        (["--parallelism.train_timeout_seconds", "0"], "parallelism.train_timeout_seconds must be > 0"),
+        (["--parallelism.init_timeout_seconds", "-1"], "parallelism.init_timeout_seconds must be > 0"),
     ],
 )
 def test_validate_rejects(argv, key):
