@@ -318,3 +318,27 @@ def test_a_step_folder_is_unmarked_before_it_is_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_mod.shutil, "rmtree", lambda *a, **k: None)  # killed before it ran
     checkpoint_mod._discard_step_dir(str(folder))
     assert complete_steps(str(tmp_path / "checkpoint"))[0] == []
+
+
+def test_load_step_branches_once_and_requeues_resume_the_branch(tmp_path, straight):
+    """checkpoint.load_step = 4 in a folder that reaches step 8: the first start moves steps 6 and
+    8 aside (so pruning cannot prefer them to the branch's own), and the same command started
+    again after a preemption resumes the branch's newest checkpoint, not step 4 again."""
+    dump = str(tmp_path)
+    ok(train(dump, *RUN))
+    branch = [*RUN, "--checkpoint.load_step", "4", "--checkpoint.keep_latest_k", "1"]
+    p = train(dump, *branch, fault="sigterm_accum@6")
+    ok(p, PREEMPTED)
+    assert "moved to" in p.stderr
+    assert complete_steps(ckpt(dump)) == ([6], [])  # the branch's step 6, pruned to the newest
+    (abandoned,) = [n for n in os.listdir(ckpt(dump)) if n.startswith("abandoned-after-step-4-")]
+    assert complete_steps(os.path.join(ckpt(dump), abandoned))[0] == [6, 8]
+    p = train(dump, *branch)
+    ok(p)
+    assert "resuming its branch from step 6" in p.stderr
+    assert complete_steps(ckpt(dump)) == ([8], [])
+    assert_same_history(metrics(dump), straight, 8)  # the branch repeats the same trajectory
+    # Another branch point is applied afresh (and step 2 is gone, pruned: a clear error).
+    p = train(dump, *RUN, "--checkpoint.load_step", "2")
+    ok(p, 2)
+    assert "checkpoint.load_step = 2" in p.stderr

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -94,7 +95,7 @@ def find_resume_step(cfg) -> int | None:
         for name in ignored:
             logger.warning(f"ignoring incomplete checkpoint {os.path.join(folder, name)}")
         if ck.load_step >= 0:
-            chosen = ck.load_step if ck.load_step in steps else -2
+            chosen = _branch_from(folder, ck.load_step, steps)
         elif steps:
             chosen = steps[-1]
     chosen = _broadcast_int(chosen)
@@ -104,6 +105,49 @@ def find_resume_step(cfg) -> int | None:
             "step (see the log for the complete ones)"
         )
     return None if chosen < 0 else chosen
+
+
+BRANCH_MARKER = ".load_step_applied"  # in the checkpoint folder: the load_step a start branched from
+
+
+def _branch_from(folder: str, load_step: int, steps: list[int]) -> int:
+    """Rank 0, checkpoint.load_step = N: the step to resume from (-2: no such checkpoint).
+
+    The first start with N moves the complete checkpoints after N (the abandoned trajectory) into
+    `abandoned-after-step-N-<time>/` and records N in BRANCH_MARKER, so that neither pruning
+    (which keeps the highest steps) nor a later start mixes them with the new branch. Later starts
+    of the same command (a requeue after preemption) resume the branch's newest checkpoint
+    instead of going back to N every time."""
+    marker = os.path.join(folder, BRANCH_MARKER)
+    try:
+        with open(marker) as f:
+            applied = int(f.read().strip())
+    except (OSError, ValueError):
+        applied = None
+    if applied == load_step and steps and steps[-1] >= load_step:
+        if steps[-1] > load_step:
+            logger.info(
+                f"checkpoint.load_step = {load_step} was applied by an earlier start of this run "
+                f"({marker}); resuming its branch from step {steps[-1]}"
+            )
+        return steps[-1]
+    if load_step not in steps:
+        return -2
+    newer = [s for s in steps if s > load_step]
+    if newer:
+        dest = os.path.join(folder, f"abandoned-after-step-{load_step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(dest)
+        for step in newer:
+            os.rename(os.path.join(folder, step_dir_name(step)), os.path.join(dest, step_dir_name(step)))
+        logger.warning(
+            f"checkpoint.load_step = {load_step}: the newer checkpoints of the abandoned trajectory "
+            f"(steps {', '.join(map(str, newer))}) moved to {dest}"
+        )
+    tmp = marker + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{load_step}\n")
+    os.replace(tmp, marker)
+    return load_step
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
