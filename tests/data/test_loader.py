@@ -270,6 +270,10 @@ def test_packed_modality_grouping_uses_the_megabatch_in_samples() -> None:
     with pytest.raises(ValueError, match="modality_megabatch: saved 6, now 8"):
         make_loader(packing=True, group_by_modality_length=True, global_batch_size=4,
                     modality_megabatch=8).load_state_dict(state)
+    # The rows a step takes are a batch size like any other (the megabatch is in samples).
+    with pytest.raises(ValueError, match="rows_per_step: saved 4, now 6.*initial_load_model_only"):
+        make_loader(packing=True, group_by_modality_length=True, global_batch_size=6,
+                    modality_megabatch=6).load_state_dict(state)
     # Unpacked: the megabatch is the global batch in samples, as in the reference.
     unpacked = make_loader(group_by_modality_length=True, global_batch_size=4)
     assert (unpacked._packer.sampler.batch_size, unpacked._packer.sampler.global_batch_size) == (2, 4)

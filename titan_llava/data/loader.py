@@ -28,6 +28,10 @@ from titan_llava.data.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 WORLD_SIZE_KEY = "dp_world_size"
+FRESH = (  # what a refused data resume can do instead
+    "start a new run from the checkpoint's weights (checkpoint.initial_load_path = its step "
+    "folder, checkpoint.initial_load_model_only = true), whose data order starts afresh"
+)
 _CLOSE_TIMEOUT_S = 120.0  # longest a worker may take to finish its current sample on close()
 
 
@@ -105,8 +109,8 @@ class LlavaDataLoader:
             raise ValueError(
                 f"the dataloader state was saved with dp_world_size={saved_world}, this run has "
                 f"dp_world_size={self.dp_world_size}: each DP rank's data position and packing buffer "
-                "cannot be re-sharded exactly. Resume with the same data-parallel degree, or start "
-                "the data order afresh by not loading the dataloader state."
+                "cannot be re-sharded exactly. Resume with the same data-parallel degree, or "
+                f"{FRESH}."
             )
         if self._rank_key not in state_dict:
             raise ValueError(f"the dataloader state has no entry {self._rank_key!r}")
@@ -125,8 +129,7 @@ class LlavaDataLoader:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise ValueError(
                 f"the dataloader state does not match this data configuration ({detail}); the saved "
-                "position is meaningless for a different order. Restore the settings, or do not load "
-                "the dataloader state."
+                f"position is meaningless for a different order. Restore the settings, or {FRESH}."
             )
         if self._iter is not None:
             raise RuntimeError("load_state_dict must be called before iterating the loader")
@@ -301,6 +304,8 @@ def build_data_loader(
         # Each rank's contiguous share of a megabatch (runs saved before shares: one sample dealt
         # at a time, another order, so their position cannot be resumed exactly).
         "megabatch_share": modality_megabatch // dp_world_size if grouped_packing else None,
+        # The rows a step takes (with grouped packing "global_batch_size" above is the megabatch).
+        "rows_per_step": global_batch_size if grouped_packing else None,
         "local_batch_size": local_batch_size,
         "packing": packing,
         # Only packing reads it; None otherwise so the setting cannot block an unpacked resume.
