@@ -342,3 +342,16 @@ def test_load_step_branches_once_and_requeues_resume_the_branch(tmp_path, straig
     p = train(dump, *RUN, "--checkpoint.load_step", "2")
     ok(p, 2)
     assert "checkpoint.load_step = 2" in p.stderr
+
+
+def test_sigterm_during_a_save_stops_with_that_checkpoint(tmp_path, straight):
+    """A preemption notice that arrives while checkpoint 4 is being written stops the run right
+    after it (exit 75), instead of training step 5 and writing checkpoint 5 inside the grace
+    period; the resume is exact."""
+    dump = str(tmp_path)
+    p = train(dump, *RUN, fault="sigterm_save@4")
+    ok(p, PREEMPTED)
+    assert complete_steps(ckpt(dump)) == ([2, 4], [])
+    assert max(metrics(dump)) == 4
+    ok(train(dump, *RUN))
+    assert_same_history(metrics(dump), straight, 8)

@@ -31,6 +31,7 @@ from titan_llava.checkpoint_io import (
     complete_steps,
     json_to_blob,
     maybe_crash,
+    maybe_sigterm,
     read_metadata,
     resolve_step_dir,
     step_dir_name,
@@ -68,6 +69,15 @@ def _dist() -> bool:
 def _barrier() -> None:
     if _dist():
         dist.barrier()
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank (collective)."""
+    if not _dist():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _broadcast_int(value: int) -> int:
@@ -202,6 +212,7 @@ class CheckpointManager:
         self._last_saved_step: int | None = None
         self._inflight: tuple[int, Future] | None = None
         self._sigterm = False
+        self.sigterm_during_save = False  # some rank got SIGTERM while the last save ran
         self._async_pg = None
         self._poll_pg = None
         if self.ck.enable and self.ck.async_mode == "async" and _dist():
@@ -275,6 +286,8 @@ class CheckpointManager:
             return
         if force or self.save_due(step):
             self.save(step)
+            if not force:  # a SIGTERM that came during the save: stop now, with this checkpoint
+                self.sigterm_during_save = _any_rank(self._sigterm, self.device)
 
     def save(self, step: int) -> None:
         self._finalize_inflight()
@@ -324,6 +337,7 @@ class CheckpointManager:
         if fut is not None:
             fut.result()
         maybe_crash("shards_written", step, self.rank)
+        maybe_sigterm("save", step, self.rank)  # test hook: a preemption notice during a save
         _barrier()  # every rank's shards (and rank 0's metadata) are on disk
         if self.rank == 0:
             tmp = os.path.join(self.folder, tmp_dir_name(step))

@@ -370,6 +370,7 @@ class Trainer:
             self.checkpointer.maybe_save(
                 self.step, force=preempted or self.step == self.total_steps
             )
+            preempted = preempted or self.checkpointer.sigterm_during_save  # all ranks agree
             if preempted:
                 self.checkpointer.finish()
                 if not cfg.checkpoint.enable:
