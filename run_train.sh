@@ -39,11 +39,17 @@ status_file=$(mktemp)
 trap 'rm -f "$status_file" "$status_file".*' EXIT
 export TITAN_LLAVA_STATUS_FILE="$status_file"
 
+# A signal that comes before torchrun's pid is known is kept, and forwarded once it is.
+pending=""
+trap 'pending=1' TERM INT
 torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" "${rdzv_args[@]}" \
   --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
   -m titan_llava.train --job.config_file "$CONFIG_FILE" "$@" &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
+if [ -n "$pending" ]; then
+  kill -TERM "$pid" 2>/dev/null
+fi
 rc=0
 wait "$pid" || rc=$?
 # A trapped signal interrupts `wait`; keep waiting until torchrun has really exited.
