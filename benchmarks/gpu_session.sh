@@ -2,8 +2,14 @@
 # One device call of the throughput plan, on a lent GPU machine (its image: CPython 3.12, torch,
 # no torchdata, no flash-attention 4, no network), from the repository root:
 #
-#   PLAN=round8 BUDGET_S=530 benchmarks/gpu_session.sh            (first call; timeout_s ~590)
-#   PLAN=round8 BUDGET_S=280 ONLY="name ..." benchmarks/gpu_session.sh   (the plan's tail, warm machine)
+#   PLAN=round8 BUDGET_S=560 benchmarks/gpu_session.sh            (first call; timeout_s ~590)
+#   PLAN=round8 BUDGET_S=... ONLY="name ..." benchmarks/gpu_session.sh   (the plan's tail, warm machine,
+#                                                                        if `status` leaves the time)
+#
+# BUDGET_S covers the whole call, installs included; a run is started only if its limit (+10 s
+# of kill grace) fits. summary.txt under $OUT is kept current line by line, so a call killed at
+# its time limit still returns what had finished. With 15 minutes of device time a session (the
+# machine's start included), the tail call rarely fits: the plan's order puts first what decides.
 #
 # carrying [".wheels", ".fa4"] (`.wheels`: `pip download torchdata==0.11.0 --no-deps -d .wheels`;
 # `.fa4`: `benchmarks/fa4_site.sh build`; both git-ignored). It
@@ -48,9 +54,12 @@ except Exception as e:  # noqa: BLE001
 EOF
 
 results=/tmp/results_$(date +%s)
-OUT=$results benchmarks/train_throughput_gpu.sh
+# BUDGET_S covers this whole call: the installs and import checks above count against it.
+# The summary is kept current under $OUT (a call killed at its limit returns only $OUT).
+returned=$OUT
+OUT=$results BUDGET_S=$(( ${BUDGET_S:-390} - SECONDS )) SUMMARY_COPY="$returned/summary.txt" \
+  benchmarks/train_throughput_gpu.sh
 rc=$?
-cp "$results/summary.txt" "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" --exclude=trace.json.gz -C "$results" .
 for d in "$results"/prof_*; do
   [[ -f $d/trace.json.gz ]] || continue

@@ -101,7 +101,9 @@ def report(r: dict) -> str:
     ]
     total = sum(r["breakdown_ms"].values())
     parts = [f"{k} {v:.1f} ms ({100 * v / total:.1f}%)" for k, v in r["breakdown_ms"].items()]
-    lines.append("step breakdown: " + ", ".join(parts))
+    lines.append("step breakdown: " + ", ".join(parts) + (
+        f" (the buckets exceed the step by {r['breakdown_overlap_ms']:.1f} ms: the data wait "
+        "overlapped queued device work)" if r.get("breakdown_overlap_ms") else ""))
     mem = r["peak_memory_gib"]
     lines.append("peak memory: " + (f"{mem:.2f} GiB" if mem is not None else "n/a (CPU)"))
     lines.append(

@@ -32,7 +32,9 @@ B="python benchmarks/train_throughput.py --flavor ${FLAVOR:-llava-next-vicuna-7b
 S1="--stage 1 --local-batch-size 4 --steps 8"
 S2="--stage 2 --llm-layers 8 --local-batch-size 2 --grad-accum 2 --steps 6"
 
-log() { tee -a "$OUT/summary.txt"; }
+# SUMMARY_COPY (gpu_session.sh): a second copy of the summary, in the folder a device call returns,
+# kept current after every line so that a call killed at its time limit still returns it.
+log() { tee -a "$OUT/summary.txt" ${SUMMARY_COPY:+"$SUMMARY_COPY"}; }
 
 timed() {  # name limit_s command...: run it under a time limit (skipped if BUDGET_S has no room), log to $OUT/name.log
   local name=$1 limit=$2
@@ -40,7 +42,9 @@ timed() {  # name limit_s command...: run it under a time limit (skipped if BUDG
   if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
     return 1  # ONLY="name ...": run just these (a second call on a warm machine picks up a plan's tail)
   fi
-  if (( SECONDS + limit > BUDGET_S )); then
+  # timeout -k 10: a run that ignores SIGTERM (the trainer's handler finishes its step, a compile
+  # finishes its graph) ends up to 10 s after its limit.
+  if (( SECONDS + limit + 10 > BUDGET_S )); then
     echo "skip $name: $((BUDGET_S - SECONDS)) s left" | log
     return 1
   fi
@@ -56,6 +60,7 @@ run() {  # name limit_s args...: benchmarks/train_throughput.py with the shared 
   grep -E "^(config|samples/s|text tokens|image tokens|tokens/s|MFU|step |peak memory|allocator|vision batches|vision ms per|ratio|full-depth|OPTIMIZER|model TFLOP|host syncs|  +[0-9]+  |kernel profile|top [0-9]+ by|  [a-z/() ]+ +[0-9.]+ ms|  total |  device busy| +[0-9]+\.[0-9]+ +[0-9]+\.[0-9]  )" \
     "$OUT/$name.log" | log
   tail -n 3 "$OUT/$name.log" | grep -iE "error|Traceback|Killed" | log
+  return 0  # (pipefail: grep finding no error made a clean run return 1, and the plan exit 1)
 }
 
 micro() {  # name limit_s command...: a micro-benchmark script; its last MICRO_TAIL (12) lines go to the summary

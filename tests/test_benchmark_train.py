@@ -4,6 +4,7 @@ charges each segment to the right part, and a 2-step debug run prints every figu
 
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,11 +27,13 @@ FIGURES = [
     "samples/s/GPU:",
     "text tokens/s/GPU:",
     "image tokens/s/GPU:",
+    "tokens/s/GPU:",
+    "model TFLOP/sample:",
     "MFU:",
-    "step breakdown: data_wait",
-    "vision",
-    "llm",
-    "optimizer",
+    # every bucket, in the breakdown line itself (bare "vision"/"llm"/"optimizer" also match the
+    # config-override line)
+    "step breakdown: data_wait ",
+    " ms (",
     "peak memory:",
     "allocator:",
     "vision batches:",
@@ -258,7 +261,27 @@ def test_benchmark_prints_every_figure(tmp_path, stage, extra):
     for figure in FIGURES:
         assert figure in proc.stdout, f"missing {figure!r} in:\n{proc.stdout}"
     r = json.loads(out_json.read_text())
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("step breakdown: "))
+    for bucket in ("data_wait", "vision", "llm", "bwd_tail", "grad_norm_clip", "optimizer",
+                   "host_other"):
+        assert f" {bucket} " in line, line
+    # No figure may be NaN / inf (json writes NaN as NaN): every number of the result.
+    def numbers(x):
+        if isinstance(x, bool) or x is None or isinstance(x, str):
+            return []
+        if isinstance(x, (int, float)):
+            return [x]
+        items = x.values() if isinstance(x, dict) else x
+        return [n for v in items for n in numbers(v)]
+    assert all(math.isfinite(n) for n in numbers(r)), r
+    # The FLOP figure: positive, and consistent with the rate.
+    assert r["tflop_per_sample"] > 0
+    assert r["tflops_per_s"] == pytest.approx(r["tflop_per_sample"] * r["samples_per_s"])
+    assert r["breakdown_ms"]["grad_norm_clip"] > 0 and r["breakdown_ms"]["data_wait"] >= 0
     assert r["measured_steps"] == 2 and r["mfu"] is None and r["peak_memory_gib"] is None
+    # The GPU's MFU line (no peak on the CPU): MFU = TFLOP/s over the peak.
+    gpu = report({**r, "mfu": r["tflops_per_s"] * 1e12 / 989e12, "peak_flops": 989e12})
+    assert f"MFU: {100 * r['tflops_per_s'] / 989:.1f}% of 989 TFLOP/s bf16 dense" in gpu
     # run_train.sh's allocator settings (none set here); no allocator figures off CUDA.
     assert r["alloc_conf"] == "PYTORCH_CUDA_ALLOC_CONF='expandable_segments:True'"
     assert r["alloc_retries"] is None
