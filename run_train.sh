@@ -41,13 +41,15 @@ export TITAN_LLAVA_STATUS_FILE="$status_file"
 
 # A signal that comes before torchrun's pid is known is kept, and forwarded once it is.
 pending=""
+signalled=""
 trap 'pending=1' TERM INT
 torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" "${rdzv_args[@]}" \
   --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
   -m titan_llava.train --job.config_file "$CONFIG_FILE" "$@" &
 pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
+trap 'signalled=1; kill -TERM "$pid" 2>/dev/null' TERM INT
 if [ -n "$pending" ]; then
+  signalled=1
   kill -TERM "$pid" 2>/dev/null
 fi
 rc=0
@@ -66,6 +68,13 @@ if [ -n "$status" ] && [ "$status" != "0" ]; then
     echo "run_train.sh: titan_llava.train exited with status $status: $message" >&2
   fi
   exit "$status"
+fi
+# Stopped by the signal before any worker reported (torchrun still starting, or a worker killed
+# after the grace period): the newest complete checkpoint is intact, so a requeue resumes from it.
+if [ -z "$status" ] && [ -n "$signalled" ]; then
+  echo "run_train.sh: stopped by SIGTERM/SIGINT before the trainer reported a status (torchrun" \
+    "status $rc); exiting with 75: the same command resumes from the newest complete checkpoint" >&2
+  exit 75
 fi
 # Status 0 is written only after the final barrier that every rank reaches once training is done,
 # so a failure torchrun still reports came from a process's teardown, after the run was complete.

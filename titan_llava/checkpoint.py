@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -48,16 +49,17 @@ PREEMPTED_EXIT_CODE = 75
 TERMINATED_EXIT_CODE = 143
 
 
-_EARLY_SIGTERM = False  # a SIGTERM that arrived before the trainer's own handler was installed
+class SetupPreempted(BaseException):  # not caught by set-up code's `except Exception`
+    """SIGTERM during set-up. Nothing has trained since the checkpoint being resumed (or since
+    nothing), so the run stops at once with PREEMPTED_EXIT_CODE: set-up + a first step + a save of
+    a 7B run do not fit torchrun's grace period, and a SIGKILL there exits 1 (never requeued)."""
 
 
 def install_early_sigterm_handler() -> None:
-    """From the first line of main(): a preemption notice during set-up (loading a 7B checkpoint,
-    indexing the data) is remembered instead of killing the process (exit 1: never requeued)."""
+    """From the first line of main() until the trainer's own handler replaces it."""
 
     def handler(signum, frame):
-        global _EARLY_SIGTERM
-        _EARLY_SIGTERM = True
+        raise SetupPreempted()
 
     signal.signal(signal.SIGTERM, handler)
 
@@ -136,9 +138,10 @@ def _branch_from(folder: str, load_step: int, steps: list[int]) -> int:
         applied = None
     if applied == load_step and steps and steps[-1] >= load_step:
         if steps[-1] > load_step:
-            logger.info(
+            logger.warning(
                 f"checkpoint.load_step = {load_step} was applied by an earlier start of this run "
-                f"({marker}); resuming its branch from step {steps[-1]}"
+                f"({marker}); resuming its branch from step {steps[-1]} (to branch from step "
+                f"{load_step} again, delete {marker})"
             )
         return steps[-1]
     if load_step not in steps:
@@ -228,9 +231,6 @@ class CheckpointManager:
             self._sigterm = True
 
         signal.signal(signal.SIGTERM, handler)
-        if _EARLY_SIGTERM:  # got during set-up: stop (and save) after the first step
-            logger.warning("SIGTERM received during set-up: stopping after the first step")
-            self._sigterm = True
 
     @property
     def sigterm_received(self) -> bool:
@@ -414,17 +414,24 @@ class CheckpointManager:
         rng_keys = [k for k in self._rank_entries() if f"train_state.{k}" in meta]
         for k in rng_keys:
             sd["train_state"][k] = _alloc(meta, f"train_state.{k}")
-        missing = [
+        have = {
             fqn for fqn, st in sd["optimizer"]["state"].items()
-            if any(f"optimizer.state.{fqn}.{name}" not in meta for name in st)
-        ]
-        if missing:
+            if all(f"optimizer.state.{fqn}.{name}" in meta for name in st)
+        }
+        # A part that trains here but has no state at all did not train in the saved run.
+        groups_now = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+        untrained = [g.get("name", "?") for g in groups_now if not any(f in have for f in g["params"])]
+        if untrained:
             raise ValueError(
-                f"{key}: {step_dir} has no optimizer state for {len(missing)} parameters that train "
-                f"here (e.g. {missing[0]}): training.trainable differs from the saved run's. Restore "
-                "it, or start a new run from these weights with --checkpoint.initial_load_path "
-                f"{step_dir} --checkpoint.initial_load_model_only true"
+                f"{key}: {step_dir} has no optimizer state for the parameter groups "
+                f"{', '.join(untrained)}, which train here: training.trainable differs from the "
+                "saved run's. Restore it, or start a new run from these weights with "
+                f"--checkpoint.initial_load_path {step_dir} --checkpoint.initial_load_model_only true"
             )
+        # A single parameter without state never had a gradient in the saved run (image_newline
+        # under image_aspect_ratio pad/resize): AdamW left it stateless, and so does the resume.
+        for fqn in [f for f in sd["optimizer"]["state"] if f not in have]:
+            del sd["optimizer"]["state"][fqn]
         dcp.load(sd, storage_reader=_reader(step_dir, key), planner=TensorOnlyLoadPlanner())
 
         set_model_state_dict(self.model, sd["model"])
@@ -441,6 +448,8 @@ class CheckpointManager:
             self.model,
             self.optimizer,
             {"state": sd["optimizer"]["state"], "param_groups": fresh["param_groups"]},
+            # parameters that never had a gradient (above) stay without state
+            options=StateDictOptions(strict=False),
         )
         sched = self.lr_scheduler.state_dict()
         config_lrs = list(self.lr_scheduler.base_lrs)  # this run's optimizer.*lr

@@ -9,7 +9,12 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from titan_llava.checkpoint import install_early_sigterm_handler
+from titan_llava.checkpoint import (
+    PREEMPTED_EXIT_CODE,
+    TERMINATED_EXIT_CODE,
+    SetupPreempted,
+    install_early_sigterm_handler,
+)
 from titan_llava.checkpoint_io import maybe_crash, maybe_sigterm
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
@@ -24,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     143 (TERMINATED_EXIT_CODE) stopped by SIGTERM with checkpointing off (nothing saved);
     2 a configuration or input error found during set-up (the message
     names the key, file or sample); anything else is a crash with its traceback."""
-    trainer, finished = None, False
+    trainer, finished, cfg = None, False, None
     install_early_sigterm_handler()
     try:
         try:
@@ -37,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"titan_llava.train: error: {e}", file=sys.stderr)
             _report_status(EXIT_CONFIG_ERROR, f"error: {e}")
             return EXIT_CONFIG_ERROR
+        except SetupPreempted:
+            # Nothing trained yet: the newest checkpoint is this run's state; requeue resumes it.
+            saving = cfg is None or cfg.checkpoint.enable
+            status = PREEMPTED_EXIT_CODE if saving else TERMINATED_EXIT_CODE
+            print(f"titan_llava.train: SIGTERM during set-up; exiting with status {status}",
+                  file=sys.stderr)
+            _report_status(status)
+            return status
         status = trainer.train()
         finished = True
     finally:

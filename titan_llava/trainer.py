@@ -61,11 +61,12 @@ class Trainer:
         # Config errors must surface before any work (and on every rank alike).
         cfg.validate(self.world_size)
         cfg.validate_paths()
-        # Every rank's warnings (skipped samples by id) also in <dump>/logs/rank<r>.log: run_train.sh
-        # shows rank 0's output only.
+        # Every rank's warnings also in <dump>/logs/rank<r>.log (run_train.sh shows rank 0 only).
         setup_logging(self.rank, log_dir=os.path.join(cfg.job.dump_folder, "logs"))
         self.dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
+        # The mesh's (HSDP) sub-groups have the backend's default timeout: the set-up one too.
+        set_collective_timeout(cfg.parallelism.init_timeout_seconds, self.mesh)
         set_determinism(cfg.job.seed)
         set_matmul_precision(self.device, cfg.training.mixed_precision_param)
         self.tokenizer = Tokenizer(cfg.model.tokenizer_path)
@@ -140,8 +141,7 @@ class Trainer:
             cfg, self.model, self.optimizer, self.lr_scheduler, self.data_loader,
             rank=self.rank, world_size=self.world_size, device=self.device,
         )
-        # Before the data loader is iterated; a checkpoint that cannot resume here is a set-up error.
-        self.step = self.checkpointer.maybe_resume()
+        self.step = self.checkpointer.maybe_resume()  # a checkpoint that cannot resume: set-up error
         if self.rank == 0:  # only a config that passed every check (the resume's too) is saved
             logger.info(save_run_config(cfg, self.model_args))
         self.checkpointer.install_sigterm_handler()
