@@ -256,14 +256,38 @@ def test_sigterm_during_setup_stops_after_the_first_step_and_saves(tmp_path, str
 
 def test_async_save_is_published_once_written_not_at_the_next_save(tmp_path, straight):
     """An asynchronous save becomes loadable as soon as every rank has written it (polled at each
-    step's end), so a crash before the next save resumes from it, not from the one before."""
+    step's end), so a crash before the next save resumes from it, not from the one before. (Steps
+    5-7 each poll the upload of step 4; the old rule published it only when step 8's save began.)"""
     dump = str(tmp_path)
-    ok(train(dump, *RUN, "--checkpoint.async_mode", "async", fault="accum@6"), -9)
-    assert complete_steps(ckpt(dump))[0] == [2, 4]  # step 4 published during step 5
-    p = train(dump, *RUN, "--checkpoint.async_mode", "async")
+    every4 = [*RUN, "--checkpoint.async_mode", "async", "--checkpoint.interval", "4"]
+    ok(train(dump, *every4, fault="accum@8"), -9)
+    assert complete_steps(ckpt(dump))[0] == [4]
+    p = train(dump, *every4)
     ok(p)
     assert "step-4 (step 4" in p.stderr
     assert_same_history(metrics(dump), straight, 8)
+
+
+def test_async_poll_publishes_only_a_finished_upload():
+    """_poll_inflight: nothing while the upload runs, the publication once it is done (one rank;
+    the ranks agree through a MIN all-reduce)."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from titan_llava.checkpoint import CheckpointManager
+
+    published = []
+    upload = Future()
+    manager = SimpleNamespace(_inflight=(4, upload), _poll_pg=None,
+                              _finalize_inflight=lambda: published.append(4))
+    CheckpointManager._poll_inflight(manager)
+    assert published == []
+    upload.set_result(None)
+    CheckpointManager._poll_inflight(manager)
+    assert published == [4]
+    manager._inflight = (6, None)  # a blocking save: published by save() itself
+    CheckpointManager._poll_inflight(manager)
+    assert published == [4]
 
 
 def test_resume_follows_this_runs_schedule_and_refuses_other_data_or_trainables(tmp_path, straight):

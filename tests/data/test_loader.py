@@ -356,3 +356,48 @@ def test_data_summary_counts_truncated_samples_and_mismatches(tmp_path) -> None:
     assert summary["data_events"] == {"tokenization_mismatch": 1, "truncated": 1, "truncated_image_dropped": 0}
     assert set(summary["data_events"]) == set(DATA_EVENTS)
     assert summary["skipped"] == {}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_unexpected_error_in_a_worker_names_the_sample(num_workers, monkeypatch) -> None:
+    """An exception that is not a known kind of bad input (a bug) stops the run, as it should, but
+    names the sample: a resumed run reaches the same sample again."""
+    from titan_llava.data.processing import SampleProcessor
+
+    plain = SampleProcessor.process
+
+    def buggy(self, record, ref, sample_id):
+        if ref.index == 3:
+            raise TypeError("a bug")
+        return plain(self, record, ref, sample_id)
+
+    monkeypatch.setattr(SampleProcessor, "process", buggy)
+    loader = make_loader(shuffle=False, num_workers=num_workers, local_batch_size=2)
+    with open(os.path.join(DATA, "finetune.json")) as fh:
+        sample_id = json.load(fh)[3]["id"]
+    with pytest.raises(RuntimeError, match=rf"processing sample '{sample_id}' \(index 3 of .* TypeError: a bug"):
+        it = iter(loader)
+        for _ in range(4):
+            next(it)
+
+
+def test_a_loader_left_open_does_not_abort_the_interpreter_at_exit(tmp_path) -> None:
+    """A script that iterates a loader and exits without close() (an error path, a tool) exits
+    normally: the loader stops its threads at interpreter exit (they used to be stopped inside
+    torch's C++ code, "terminate called without an active exception", status 134)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "open.py"
+    script.write_text(
+        "from tests.data.test_loader import make_loader\n"
+        "loader = make_loader(num_workers=2, packing=True)\n"
+        "it = iter(loader)\n"
+        "for _ in range(3):\n"
+        "    next(it)\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True,
+                              timeout=120, check=False, env={**os.environ, "PYTHONPATH": repo})
+        assert proc.returncode == 0, proc.stderr[-2000:]

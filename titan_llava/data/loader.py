@@ -7,10 +7,14 @@ DP rank as TorchTitan does, so DCP saves one entry per rank.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
+import multiprocessing.process
+import queue
 import threading
+import time
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
@@ -69,6 +73,10 @@ class LlavaDataLoader:
         if self._iter is None:
             self._packer.start_state = self._state
             self._iter = iter(self._loader)
+            # The background threads must stop before interpreter shutdown: a daemon thread
+            # stopped inside torch's C++ code at exit aborts the process (status 134), e.g. when
+            # an error skips the trainer's close(). close() unregisters it.
+            atexit.register(self.close)
         return self
 
     def __next__(self) -> Batch:
@@ -155,25 +163,31 @@ class LlavaDataLoader:
 
         Without it they stop when garbage collected, which may happen on one of their own threads.
         """
+        atexit.unregister(self.close)
         node = self._loader.root
-        threads: list[threading.Thread] = []
+        threads: list[Any] = []
         while node is not None:
             it = getattr(node, "_it", None)
             for obj in (it, getattr(it, "_it", None)):
                 if obj is not None and hasattr(obj, "_shutdown"):
                     obj._shutdown()
+                    # torchdata's workers stop only once their input queue is empty: drop the
+                    # samples still queued, so each worker stops after the one it is processing.
+                    _drain(getattr(obj, "_in_q", None))
                     for name in ("_thread", "_read_thread", "_sort_thread", "_workers"):
                         t = getattr(obj, name, None)
                         threads += t if isinstance(t, list) else [t] if t is not None else []
             node = getattr(node, "source", None)
         # torchdata's _shutdown waits only ~0.5 s per thread; a worker still inside a slow sample
         # (a large image on a busy machine) would outlive it, and a daemon thread caught in C++
-        # code at interpreter exit aborts the process ("terminate called ..."). Wait it out.
+        # code at interpreter exit aborts the process ("terminate called ..."). Wait it out, with
+        # one deadline for all of them (worker processes included).
+        deadline = time.monotonic() + _CLOSE_TIMEOUT_S
         for t in threads:
-            if isinstance(t, threading.Thread) and t.is_alive():
-                t.join(timeout=_CLOSE_TIMEOUT_S)
+            if isinstance(t, (threading.Thread, multiprocessing.process.BaseProcess)) and t.is_alive():
+                t.join(timeout=max(deadline - time.monotonic(), 0.0))
                 if t.is_alive():
-                    logger.warning(f"data loader thread {t.name} still running after close()")
+                    logger.warning(f"data loader worker {t.name} still running after close()")
 
     def counters(self) -> dict[str, int]:
         return dict(self.pipeline_state()["counters"])
@@ -181,6 +195,17 @@ class LlavaDataLoader:
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples per reason (the "skipped/" counters without their prefix)."""
         return skip_counts(self.counters())
+
+
+def _drain(q: Any) -> None:
+    """Empty a queue.Queue / multiprocessing queue without blocking (best effort)."""
+    if q is None:
+        return
+    try:
+        while True:
+            q.get_nowait()
+    except (queue.Empty, OSError, ValueError):
+        pass
 
 
 DATA_EVENTS = ("tokenization_mismatch", "truncated", "truncated_image_dropped")

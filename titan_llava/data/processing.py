@@ -126,6 +126,14 @@ class SampleProcessor:
             return self.process(record, ref, sample_id)
         except BadSampleError as e:
             return SkippedSample(ref, sample_id, e.reason, e.detail)
+        except Exception as e:
+            # Not a known kind of bad input: a bug, or a failure nobody anticipated. It stops the run
+            # (it is not skipped silently), but names the sample: the resumed run reaches the same
+            # sample again, and without its id nobody can tell which record to look at or exclude.
+            raise RuntimeError(
+                f"processing sample {sample_id!r} (index {ref.index} of {self.dataset.path!r}, "
+                f"epoch {ref.epoch}) failed with {type(e).__name__}: {e}"
+            ) from e
 
     def process(self, record: dict, ref: SampleRef, sample_id: str) -> ProcessedSample:
         cfg = self.config
