@@ -388,10 +388,16 @@ def test_a_loader_left_open_does_not_abort_the_interpreter_at_exit(tmp_path) -> 
     import subprocess
     import sys
 
+    with open(os.path.join(DATA, "finetune.json")) as fh:
+        records = json.load(fh)
+    data = tmp_path / "data.json"  # enough samples that the workers are busy at exit
+    data.write_text(json.dumps([{**records[i % len(records)], "id": f"s{i}"} for i in range(200)]))
     script = tmp_path / "open.py"
     script.write_text(
+        "import logging\n"
+        "logging.disable(logging.WARNING)\n"
         "from tests.data.test_loader import make_loader\n"
-        "loader = make_loader(num_workers=2, packing=True)\n"
+        f"loader = make_loader(path={str(data)!r}, num_workers=2)\n"
         "it = iter(loader)\n"
         "for _ in range(3):\n"
         "    next(it)\n"
