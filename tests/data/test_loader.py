@@ -4,6 +4,7 @@ content against the data contract functions, and state validation."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -407,3 +408,28 @@ def test_a_loader_left_open_does_not_abort_the_interpreter_at_exit(tmp_path) -> 
         proc = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True,
                               timeout=120, check=False, env={**os.environ, "PYTHONPATH": repo})
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_grouped_packing_state_saved_before_megabatch_shares_resumes_with_the_old_dealing(caplog) -> None:
+    """A run in flight that saved its data state when packed grouping dealt each megabatch one
+    sample at a time resumes in that order (warned), bit for bit, instead of being refused."""
+    opts = dict(packing=True, group_by_modality_length=True, global_batch_size=4, modality_megabatch=4,
+                dp_rank=1, dp_world_size=2, shuffle=True)
+    old = make_loader(**opts)
+    old._packer.sampler.batch_size = 1  # the old code's dealing
+    it = iter(old)
+    next(it), next(it)
+    state = old.state_dict()
+    expected = [next(it) for _ in range(3)]
+    entry = json.loads(state["dp_rank_1"])
+    for key in ("megabatch_share", "rows_per_step", "sample_ids_digest", "modality_lengths_digest"):
+        entry["fingerprint"].pop(key)  # keys the old code did not write
+    state = {**state, "dp_rank_1": json.dumps(entry).encode()}
+    resumed = make_loader(**opts)
+    with caplog.at_level(logging.WARNING):
+        resumed.load_state_dict(state)
+    assert "one sample at a time" in caplog.text
+    assert resumed._packer.sampler.batch_size == 1
+    rit = iter(resumed)
+    for batch in expected:
+        assert_batches_equal(next(rit), batch)
