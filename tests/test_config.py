@@ -334,3 +334,11 @@ def test_attention_backends_the_run_cannot_train_with_are_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
     with pytest.raises(ValueError, match="model.attn_backend 'flash' needs the flash-attn package"):
         check_backend("flash", torch.device("cuda"))
+
+
+def test_train_help_prints_the_usage(capsys):
+    from titan_llava import train
+
+    assert train.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m titan_llava.train") and "titan_llava/config.py" in out

@@ -21,6 +21,15 @@ from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.trainer import Trainer
 
 EXIT_CONFIG_ERROR = 2
+USAGE = """usage: python -m titan_llava.train [--job.config_file FILE.toml] [--section.key value ...]
+       NGPU=8 CONFIG_FILE=FILE.toml ./run_train.sh [--section.key value ...]   (torchrun)
+
+Settings come from the defaults, then the TOML file, then the command line (--data.max_seq_len
+4096, --training.trainable projector,llm; a bool key alone means true). Every key, with its
+default and meaning, is documented in titan_llava/config.py; README.md's Configuration table
+lists the most used. Exit status: 0 done, 2 a set-up error (one line naming the key, file or
+sample), 75 preempted after saving a checkpoint (run the same command to resume), 143 stopped
+by SIGTERM with checkpointing off."""
 
 
 @record  # under torchrun: the failing rank's traceback goes into torchrun's failure summary
@@ -29,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     143 (TERMINATED_EXIT_CODE) stopped by SIGTERM with checkpointing off (nothing saved);
     2 a configuration or input error found during set-up (the message
     names the key, file or sample); anything else is a crash with its traceback."""
+    if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
+        print(USAGE)
+        return 0
     trainer, finished, cfg = None, False, None
     install_early_sigterm_handler()
     try:

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 WORLD_SIZE_KEY = "dp_world_size"
 FRESH = (  # what a refused data resume can do instead
-    "start a new run from the checkpoint's weights (checkpoint.initial_load_path = its step "
-    "folder, checkpoint.initial_load_model_only = true), whose data order starts afresh"
+    "start a new run in a new job.dump_folder from the checkpoint's weights "
+    "(checkpoint.initial_load_path = its step folder, checkpoint.initial_load_model_only = true), "
+    "whose data order starts afresh"
 )
 _CLOSE_TIMEOUT_S = 120.0  # longest a worker may take to finish its current sample on close()
 

@@ -6,6 +6,7 @@ then verify it against transformers (the parity gate). Entry point:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -103,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="DCP step folder: DUMP/checkpoint/step-N"
     )
-    p.add_argument("--output", required=True, help="output directory (created)")
+    p.add_argument(
+        "--output", required=True, help="output directory (created; files already there stay)"
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument(
         "--config",
@@ -133,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = _parser().parse_args(argv)
     t0 = time.perf_counter()
+    if not a.no_verify and importlib.util.find_spec("transformers") is None:
+        print(
+            "titan_llava.hf.export: error: the parity gate (on by default) needs transformers: "
+            "install it, or pass --no-verify",
+            file=sys.stderr,
+        )
+        return 2
     try:
         run = resolve_run(a.checkpoint, a.config, a.tokenizer)
         logger.info(f"run config: {run.config_path}; architecture: {run.arch_source}")
