@@ -196,9 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="scan only the first N samples")
     parser.add_argument("--decode-images", action="store_true", help="fully decode every image")
     parser.add_argument("--packing", action="store_true", help="estimate packed rows per epoch")
-    parser.add_argument("--packing-row-len", type=int, help="tokens per packed row (default max_seq_len)")
-    parser.add_argument("--packing-lookahead", type=int, help="packer look-ahead (default 8)")
-    parser.add_argument("--local-batch-size", type=int, help="rows per micro-batch (default 1)")
+    parser.add_argument("--packing-row-len", type=int, help="tokens per packed row (default: the config's data.packing_row_len, else max_seq_len)")
+    parser.add_argument("--packing-lookahead", type=int, help="packer look-ahead (default: the config's, else 8)")
+    parser.add_argument("--local-batch-size", type=int, help="rows per micro-batch (default: the config's training.local_batch_size, else 1)")
     parser.add_argument("--global-batch-size", type=int, help="rows per optimizer step")
     args = parser.parse_args(argv)
 
