@@ -18,7 +18,6 @@ from titan_llava.checkpoint import (
     PREEMPTED_EXIT_CODE,
     TERMINATED_EXIT_CODE,
     CheckpointManager,
-    find_resume_step,
     load_model_weights,
 )
 from titan_llava.checkpoint_io import fault_point, maybe_crash, maybe_sigterm
@@ -46,6 +45,7 @@ from titan_llava.metrics import DeviceMemory, MetricsLogger, StepWindow, plan_li
 from titan_llava.models import attention, flash_impl
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import build_lr_scheduler, build_optimizer, log_parameter_counts
+from titan_llava.resume_step import find_resume_step
 from titan_llava.step_check import StepCheck, StepRecord
 
 logger = logging.getLogger("titan_llava")
