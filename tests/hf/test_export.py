@@ -238,3 +238,35 @@ def test_chat_template_renders_the_training_bos(exported):
     ids = hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert list(ids[:2]).count(hf_tok.bos_token_id) == 1 and ids[0] == hf_tok.bos_token_id
+
+
+def test_re_export_replaces_the_earlier_shards(tmp_path):
+    """A second export into the same folder (another shard count, an interrupted export's
+    temporary) leaves only its own shards; other files stay; a model.safetensors, which
+    transformers would load instead of the shards, is refused before anything is written."""
+    model = _random_model()
+    out = tmp_path / "out"
+    first = export_state_dict(
+        model.state_dict().items(), model.args, TOKENIZER, str(out), torch.float32,
+        max_shard_bytes=300_000,
+    )  # fmt: skip
+    assert len(first.shards) > 2
+    (out / "model-tmp-00007.safetensors").write_bytes(b"left by a killed export")
+    (out / "README.md").write_text("the user's own file")
+    second = export_state_dict(
+        model.state_dict().items(), model.args, TOKENIZER, str(out), torch.float32
+    )
+    assert second.shards == ["model-00001-of-00001.safetensors"]
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert shards == second.shards
+    assert (out / "README.md").read_text() == "the user's own file"
+    assert any("removed" in n and first.shards[0] in n for n in second.notes), second.notes
+    assert verify_export(str(out), lambda dtype: copy.deepcopy(model), TOKENIZER).ok
+
+    (out / "model.safetensors").write_bytes(b"an earlier save_pretrained")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ValueError, match="model.safetensors, which transformers loads"):
+        export_state_dict(
+            model.state_dict().items(), model.args, TOKENIZER, str(out), torch.float32
+        )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -59,6 +59,12 @@ def export_state_dict(
     dtype_name = str(dtype).removeprefix("torch.")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--output {out_dir} exists and is not a directory")
+    single = os.path.join(out_dir, "model.safetensors")
+    if os.path.exists(single):
+        raise ValueError(
+            f"--output {out_dir} holds model.safetensors, which transformers loads in preference "
+            "to the exported shards: remove it or export into another directory"
+        )
     # Checked before anything is written: a failed export leaves no half-written directory.
     sp_size = tokenizer_info(tokenizer_path).sp_size
     if sp_size > model_args.llm.vocab_size:
@@ -105,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="DCP step folder: DUMP/checkpoint/step-N"
     )
     p.add_argument(
-        "--output", required=True, help="output directory (created; files already there stay)"
+        "--output",
+        required=True,
+        help="output directory (created; shards of an earlier export there are replaced)",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument(

@@ -116,6 +116,9 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
 
+_SHARD_NAME_RE = re.compile(r"model-(\d{5}-of-\d{5}|tmp-\d{5})\.safetensors")
+
+
 class ShardWriter:
     """Buffers tensors up to `max_shard_bytes`, then writes one safetensors shard; `close()` names
     them model-0000i-of-0000n.safetensors and writes the index (HF's sharded format)."""
@@ -126,6 +129,7 @@ class ShardWriter:
         self._buffer_bytes = 0
         self._tmp_files: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
+        self.removed: list[str] = []
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         assert key not in self._buffer, key
@@ -164,7 +168,19 @@ class ShardWriter:
         with open(os.path.join(self.out_dir, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
+        self.removed = self._remove_stale_shards(set(names))
         return names
+
+    def _remove_stale_shards(self, keep: set[str]) -> list[str]:
+        """Delete shards an earlier export left (another shard count, or an interrupted export's
+        temporaries): the new index no longer names them, and loaders that glob `*.safetensors`
+        would read them. Only this writer's own file names are touched."""
+        removed = []
+        for name in sorted(os.listdir(self.out_dir)):
+            if _SHARD_NAME_RE.fullmatch(name) and name not in keep:
+                os.remove(os.path.join(self.out_dir, name))
+                removed.append(name)
+        return removed
 
 
 def expected_our_shapes(args: LlavaNextArgs) -> dict[str, tuple[int, ...]]:
@@ -234,5 +250,10 @@ def write_weights(
         writer.add(vision_prefix + rest, tensor.detach().to(device="cpu", dtype=dtype))
         report.tensors += 1
     report.shards = writer.close()
+    if writer.removed:
+        report.notes.append(
+            f"removed {len(writer.removed)} shard(s) of an earlier export in {out_dir}: "
+            + ", ".join(writer.removed)
+        )
     report.bytes = writer.total_bytes
     return report
