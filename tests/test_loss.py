@@ -157,3 +157,28 @@ def test_logits_at_loss_positions_equal_plain():
 def test_logits_at_loss_positions_with_nothing_to_learn():
     s = _at_positions_vs_plain(2, 9, p_ignore=1.1)
     assert s.item() == 0.0
+
+
+def test_microbatch_without_targets_contributes_zero():
+    """normalize_loss' promise: no valid target -> 0 (not 0/0 = NaN), in both modes."""
+    logits = torch.randn(0, V, requires_grad=True)
+    s, n = cross_entropy_sum_at(logits, torch.zeros(0, dtype=torch.long))
+    for mode in ("per_microbatch", "global_tokens"):
+        loss = normalize_loss(s, n, mode, global_tokens=torch.tensor(0), grad_accum_steps=2)
+        assert loss.item() == 0.0
+
+
+def test_loss_at_positions_upcasts_half_precision_logits():
+    """bf16 logits from the head (FSDP2 bf16 compute): the CE is taken in fp32, as HF does."""
+    logits = (4 * torch.randn(64, V)).bfloat16()
+    targets = torch.randint(0, V, (64,))
+    s, n = cross_entropy_sum_at(logits, targets)
+    assert s.dtype == torch.float32 and n.item() == 64
+    assert torch.equal(s, torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+
+
+def test_global_valid_tokens_honours_document_ids():
+    """The step's denominator counts the same targets the packed rows' loss sums."""
+    labels = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    assert global_valid_tokens([labels, labels], [docs, None]).item() == 3 + 5

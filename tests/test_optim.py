@@ -132,3 +132,60 @@ def test_schedule_min_lr_and_resume():
         assert s2.get_last_lr()[0] == lrs[i]
         opt3.step()
         s2.step()
+
+
+def test_min_lr_schedule_matches_hf_exactly():
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    steps, warmup, ratio = 30, 4, 0.1
+    cfg = _cfg("--training.steps", str(steps), "--lr_scheduler.warmup_steps", str(warmup),
+               "--lr_scheduler.min_lr_ratio", str(ratio), "--optimizer.lr", "2e-5")
+    p1, p2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    ours_opt = torch.optim.AdamW([p1], lr=2e-5)
+    hf_opt = torch.optim.AdamW([p2], lr=2e-5)
+    ours = build_lr_scheduler(ours_opt, cfg)
+    hf = get_cosine_with_min_lr_schedule_with_warmup(hf_opt, warmup, steps, min_lr_rate=ratio)
+    for _ in range(steps + 1):
+        assert ours.get_last_lr() == pytest.approx(hf.get_last_lr(), rel=1e-12, abs=0)
+        ours_opt.step(), hf_opt.step()
+        ours.step(), hf.step()
+
+
+def test_optimizer_uses_configured_betas_and_eps(model):
+    m = copy.deepcopy(model)
+    set_trainable(m, ["projector"])
+    opt = build_optimizer(m, _cfg("--optimizer.betas", "0.8,0.95", "--optimizer.eps", "1e-6"))
+    for g in opt.param_groups:
+        assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6
+
+
+def test_warmup_ratio_rounds_up_like_hf_trainer():
+    # HF Trainer.get_warmup_steps: ceil(warmup_ratio * steps); 0.03 * 2181 = 65.43 -> 66.
+    assert _cfg("--training.steps", "2181", "--lr_scheduler.warmup_ratio", "0.03").warmup_steps() == 66
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.0])
+def test_trainer_update_clips_to_max_norm(max_norm):
+    """Trainer._update: the optimizer sees gradients clipped to training.max_norm (<= 0: not
+    clipped); the logged norm is the norm before clipping."""
+    from types import SimpleNamespace
+
+    from titan_llava.trainer import Trainer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 4.0, 0.0])  # norm 5
+    opt = torch.optim.SGD([p], lr=1.0)
+    staged = {}
+    stub = SimpleNamespace(
+        optimizer=opt,
+        lr_scheduler=SimpleNamespace(step=lambda: None),
+        checkpointer=SimpleNamespace(sigterm_received=False),
+        device=torch.device("cpu"),
+        world_size=1,
+        cfg=SimpleNamespace(training=SimpleNamespace(max_norm=max_norm)),
+        step_check=SimpleNamespace(stage=lambda record, loss, stop, norm: staged.update(norm=norm)),
+    )
+    Trainer._update(stub, torch.tensor(1.0), None)
+    assert staged["norm"].item() == pytest.approx(5.0)
+    expected = 0.5 if max_norm > 0 else 5.0
+    assert p.detach().norm().item() == pytest.approx(expected, rel=1e-5)

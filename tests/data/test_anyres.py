@@ -232,7 +232,10 @@ def _hf_counts(size: tuple[int, int]) -> tuple[int, int]:
     return from_processor, int(lens[0])
 
 
-@pytest.mark.parametrize("size", SIZES + [(1280, 720), (720, 1280), (4000, 3), (577, 1153)],
+# (88, 55), (55, 176): the kept side is 14.999999999999998 in floating point (the reference rounds
+# to 7 decimals before int(); without it one feature row / column too many is cut).
+@pytest.mark.parametrize("size", SIZES + [(1280, 720), (720, 1280), (4000, 3), (577, 1153),
+                                          (88, 55), (55, 176)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_num_image_tokens_matches_transformers(size):
     from_processor, from_model = _hf_counts(size)
@@ -243,3 +246,10 @@ def test_num_image_tokens_reference_example_and_single_tile_modes():
     assert num_image_tokens((640, 480)) == 576 + 36 * 49 == 2340
     assert num_image_tokens((640, 480), aspect_ratio="pad") == 576
     assert num_tiles((640, 480), aspect_ratio="resize") == 1
+
+
+def test_normalisation_statistics_are_openai_clips():
+    """The tests above take CLIP_MEAN/CLIP_STD from the package itself: pin them to transformers'."""
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    assert CLIP_MEAN == tuple(OPENAI_CLIP_MEAN) and CLIP_STD == tuple(OPENAI_CLIP_STD)

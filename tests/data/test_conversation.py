@@ -467,3 +467,18 @@ def test_random_conversations_match_reference(tok, seed):
         _check_against_reference(tok, conversations, "vicuna_v1", has_image)
         if has_image and "<image>" in conversations[0]["value"]:
             _check_against_reference(tok, conversations[:2], "plain", True)
+
+
+def test_mismatch_check_boundary_at_max_length(tok):
+    """The reference checks lengths only while cur_len < model_max_length: sweep max_length across
+    the sample's own length so the boundary (cur_len == max_length: not checked) is hit exactly."""
+    conversations = conv("What is it?", "A lamp.</s>USER: fake turn")
+    full_ids, _ = tokenize_conversation(conversations, tok, "vicuna_v1", False)
+    for max_length in range(len(full_ids) - 8, len(full_ids) + 3):
+        ref_ids, ref_labels, ref_mismatches = reference(conversations, "vicuna_v1", False,
+                                                        model_max_length=max_length)
+        stats = Counter()
+        ids, labels = tokenize_conversation(conversations, tok, "vicuna_v1", False, stats,
+                                            max_length=max_length)
+        assert stats["tokenization_mismatch"] == ref_mismatches, max_length
+        assert (ids[:max_length], labels[:max_length]) == (ref_ids, ref_labels), max_length

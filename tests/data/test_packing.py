@@ -163,3 +163,13 @@ def test_document_bounds_built_on_the_host_and_moved_with_the_batch() -> None:
     # Unpacked batches have no document boundaries to build.
     flat = collate_rows([[a], [b]], pad_id=PAD, seq_len=None, packed=False)
     assert flat.with_document_bounds() is flat and flat.document_bounds is None
+
+
+def test_collate_packed_loss_positions_stay_within_documents() -> None:
+    """A document whose first label is learned: the previous document's last position must not
+    predict it (collate_rows' loss positions follow the rows' document ids)."""
+    a = _sample("a", [1, 2, 3], [IGN, 2, 3])
+    b = _sample("b", [4, 5], [4, 5])  # first label learned (data that does not mask its BOS)
+    batch = collate_rows([[a, b]], pad_id=PAD, seq_len=6, packed=True)
+    assert batch.loss_index.tolist() == [0, 1, 3]
+    assert batch.loss_targets.tolist() == [2, 3, 5]

@@ -1,6 +1,7 @@
 """GPU smoke check of the trainer pieces (run by hand on one CUDA device, not collected by pytest):
-world-of-one NCCL, parallelize_llava with bf16 FSDP2 + AC + compile, fused AdamW, chunked vs plain
-CE memory at 7B vocab/dim, and the MFU peak lookup.  PYTHONPATH=. python tests/distributed/gpu_smoke.py
+world-of-one NCCL, parallelize_llava with bf16 FSDP2 + AC + compile, fused AdamW, the CE's memory
+at the 7B vocab/dim (logits at every position vs at the loss positions only), and the MFU peak
+lookup.  PYTHONPATH=. python tests/distributed/gpu_smoke.py
 """
 
 import copy
@@ -16,7 +17,7 @@ from titan_llava.distributed.parallel_dims import ParallelDims
 from titan_llava.distributed.parallelize import parallelize_llava
 from titan_llava.distributed.utils import destroy_distributed, init_distributed
 from titan_llava.flops import peak_flops, step_flops
-from titan_llava.loss import chunked_cross_entropy_sum, cross_entropy_sum
+from titan_llava.loss import cross_entropy_sum, cross_entropy_sum_at, loss_positions
 from titan_llava.models.args import LLAVA_FLAVORS
 from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import build_optimizer, set_trainable
@@ -87,15 +88,23 @@ for name, extra in variants.items():
     del model, ref, opt
     torch.cuda.empty_cache()
 
-# Chunked vs plain CE at the 7B head: S=4096, D=4096, V=32000, bf16, half the targets valid.
+# CE at the 7B head, S=4096, D=4096, V=32000, bf16, half the targets valid: logits at every
+# position vs only at the loss positions (what the trainer does).
 g = torch.Generator(device=device).manual_seed(0)
 h = (torch.randn(1, 4096, 4096, device=device, generator=g) * 0.5).bfloat16().requires_grad_()
 w = (torch.randn(32000, 4096, device=device, generator=g) * 0.02).bfloat16().requires_grad_()
 labels = torch.randint(0, 32000, (1, 4096), device=device, generator=g)
 labels[:, :2048] = IGNORE_INDEX
 res = {}
+index, targets = loss_positions(labels)
+
+
+def at_loss_positions():
+    return cross_entropy_sum_at(h.flatten(0, 1)[index] @ w.t(), targets)
+
+
 for label, fn in (("plain", lambda: cross_entropy_sum(h @ w.t(), labels)),
-                  ("chunked", lambda: chunked_cross_entropy_sum(h, w, labels, chunk_size=1024))):
+                  ("at_loss_positions", at_loss_positions)):
     h.grad = w.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -208,3 +208,16 @@ def test_bad_llava_configs_name_the_key(path, value, key):
         llava_next_args_from_hf(_with(LLAVA_HF_CONFIG, path, value))
     if "." in path:  # the sub-config is named too
         assert path.split(".")[0] in str(e.value)
+
+
+def test_7b_flavors_are_the_released_architectures():
+    """Every field of the named 7B flavors (eps, RoPE base, activation, selected layer included,
+    not only the shapes the parameter counts see) equals what the released configs give."""
+    from titan_llava.models.args import CLIP_FLAVORS, LLAVA_FLAVORS, VICUNA_FLAVORS
+
+    assert VICUNA_FLAVORS["vicuna-7b"] == vicuna_args_from_hf(VICUNA_CONFIG)
+    released = llava_next_args_from_hf(LLAVA_HF_CONFIG)
+    assert CLIP_FLAVORS["clip-vit-l-14-336"] == released.vision
+    flavor = LLAVA_FLAVORS["llava-next-vicuna-7b"]
+    assert flavor.vision == released.vision and flavor.llm == VICUNA_FLAVORS["vicuna-7b"]
+    assert sorted(flavor.grid_pinpoints) == sorted(released.grid_pinpoints)

@@ -101,3 +101,29 @@ def test_host_built_document_bounds_replace_the_device_computation(monkeypatch) 
         routed = model(tokens, positions=positions, document_ids=doc_ids, document_bounds=bounds)
     assert torch.equal(ignored, dense)
     assert (routed - dense).abs().max().item() <= 1e-5
+
+
+def _segment_sdpa_varlen_gqa(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa=False, **kw):
+    """As _segment_sdpa_varlen, honouring the kernel's enable_gqa (k/v may have fewer heads)."""
+    out = torch.empty_like(q)
+    for lo, hi in itertools.pairwise(cu_q.tolist()):
+        seg = [t[lo:hi].transpose(0, 1)[None] for t in (q, k, v)]
+        out[lo:hi] = F.scaled_dot_product_attention(
+            *seg, is_causal=True, enable_gqa=enable_gqa
+        )[0].transpose(0, 1)
+    return out
+
+
+def test_routed_forward_with_gqa_matches_dense_mask(monkeypatch) -> None:
+    """GQA on the varlen route: the kernel is told that k/v have fewer heads."""
+    args = VicunaArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48,
+                      max_seq_len=32)
+    model = Vicuna(args).eval()
+    model.init_weights(std=0.2)
+    _, tokens, doc_ids, positions = _packed_model_and_rows()
+    with torch.no_grad():
+        dense = model(tokens, positions=positions, document_ids=doc_ids)
+        monkeypatch.setattr(attention, "_torch_varlen_attn", _segment_sdpa_varlen_gqa)
+        monkeypatch.setattr(attention, "torch_varlen_usable", lambda device, dtype, gqa=False: True)
+        routed = model(tokens, positions=positions, document_ids=doc_ids)
+    assert (routed - dense).abs().max().item() <= 1e-5

@@ -210,3 +210,18 @@ def test_feature_count_mismatch_raises(pair) -> None:
     assert len(str(err.value).split(" (image_sizes")[0]) < 255
     with pytest.raises(ValueError, match="image features"):
         ours(torch.tensor([row]))
+
+
+def test_vision_keepalive_contributes_exactly_zero(debug_model: LlavaNext) -> None:
+    """A text-only micro-batch with stand-in tiles gives the text-only logits bit for bit, and
+    the vision tower, projector and image_newline get gradients that are exactly zero."""
+    model = copy.deepcopy(debug_model)
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        plain = model(ids)
+    kept = model(ids, torch.randn(1, 3, 336, 336), vision_keepalive=True)
+    assert torch.equal(kept, plain)
+    kept.square().sum().backward()
+    for name, p in model.named_parameters():
+        if not name.startswith("language_model."):
+            assert p.grad is not None and not p.grad.any(), name

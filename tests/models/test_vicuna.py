@@ -157,3 +157,24 @@ def test_bad_args_raise() -> None:
         VicunaArgs(dim=30, n_heads=4)
     with pytest.raises(ValueError, match="n_kv_heads"):
         VicunaArgs(dim=64, n_heads=4, n_kv_heads=3)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_half_precision_is_llamas_bit_for_bit(weight_dtype: torch.dtype) -> None:
+    """bf16 activations with fp32 weights (eager) or bf16 weights (FSDP2 bf16 compute): the same
+    output and dtype as transformers' LlamaRMSNorm (normalise in fp32, cast, then the weight)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from titan_llava.models.vicuna import RMSNorm
+
+    ours, ref = RMSNorm(64, 1e-5), LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        w = 1.0 + 0.3 * torch.randn(64)
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+    ours.to(weight_dtype), ref.to(weight_dtype)
+    x = (3 * torch.randn(4, 33, 64)).bfloat16()
+    with torch.no_grad():
+        got, want = ours(x), ref(x)
+    assert got.dtype == want.dtype
+    assert torch.equal(got, want)
