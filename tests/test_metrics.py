@@ -100,3 +100,37 @@ def test_trainer_logs_retries_summed_over_ranks(tmp_path):
     assert [r["alloc_retries"] for r in records] == [3, 3]
     assert [r["memory_gib"] for r in records] == [1.5, 1.5]
     assert "alloc retries 3" in proc.stdout + proc.stderr
+
+
+def _record(step: int) -> str:
+    return json.dumps({"step": step, "loss": float(step)}) + "\n"
+
+
+def test_resume_moves_replayed_records_aside(tmp_path):
+    """A crash after step 7 with the newest checkpoint at 5: steps 6-7 are replayed, so their first
+    records (and the torn line the crash left) must not stay in metrics.jsonl."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(_record(s) for s in range(1, 8)) + '{"step": 8, "lo')
+    ml = MetricsLogger(str(tmp_path), total_steps=10, stream=io.StringIO())
+    ml.resume(5)
+    common = dict(loss=1.0, grad_norm=1.0, lr=1e-4, interval_s=1.0, steps_in_interval=1,
+                  tokens=10, text_tokens=10, image_tokens=0, samples=1, flops=1.0, data_wait_s=0.0)
+    ml.log(6, **common)
+    ml.close()
+    steps = [json.loads(x)["step"] for x in path.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    aside = [json.loads(x)["step"] for x in (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert aside == [6, 7]
+
+
+def test_wandb_run_continues_across_restarts(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for _ in range(2):  # two starts of the same run (a requeue)
+        MetricsLogger(str(tmp_path), total_steps=10, enable_wandb=True, stream=io.StringIO()).close()
+    assert calls[0]["id"] and calls[0]["id"] == calls[1]["id"]
+    assert calls[0]["resume"] == "allow"

@@ -190,7 +190,38 @@ class MetricsLogger:
             except ImportError:
                 logger.warning("metrics.enable_wandb: wandb is not installed; skipping")
             else:
-                self._wandb = wandb.init(project="titan_llava", dir=dump_folder, config=config)
+                # One W&B run per dump folder: every restart (preemption, crash) continues it
+                # instead of starting a new run.
+                self._wandb = wandb.init(
+                    project="titan_llava", dir=dump_folder, config=config,
+                    id=_wandb_run_id(dump_folder), resume="allow",
+                )
+
+    def resume(self, step: int) -> None:
+        """Move the records of steps after `step` (the checkpoint being resumed) out of
+        metrics.jsonl into metrics.superseded.jsonl: a crash after them replays those steps (and a
+        load_step branch abandons them), and each would otherwise appear twice. Rewritten
+        atomically; a torn last line (the crash itself) is dropped."""
+        if self._file is None:
+            return
+        self._file.close()
+        kept, dropped = [], []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                line = line if line.endswith("\n") else line + "\n"
+                (kept if record.get("step", 0) <= step else dropped).append(line)
+        if dropped:
+            with open(os.path.join(os.path.dirname(self.path), "metrics.superseded.jsonl"), "a") as fh:
+                fh.writelines(dropped)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
 
     def log(
         self,
@@ -296,6 +327,21 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _wandb_run_id(dump_folder: str) -> str:
+    """The W&B run id of this dump folder, made at its first start and kept in the folder."""
+    path = os.path.join(dump_folder, "wandb_run_id")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:16]
+    with open(path + ".tmp", "w") as f:
+        f.write(run_id + "\n")
+    os.replace(path + ".tmp", path)
+    return run_id
 
 
 def plan_line(cfg: Any, total_steps: int, dp_degree: int, grad_accum: int, deferred: bool) -> str:

@@ -18,6 +18,7 @@ from titan_llava.checkpoint import (
 from titan_llava.checkpoint_io import maybe_crash, maybe_sigterm
 from titan_llava.config import load_config
 from titan_llava.distributed.utils import destroy_distributed
+from titan_llava.launcher_watch import watch_launcher
 from titan_llava.trainer import Trainer
 
 EXIT_CONFIG_ERROR = 2
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     trainer, finished, cfg = None, False, None
     install_early_sigterm_handler()
+    watch_launcher()  # under torchrun: a SIGKILLed torchrun stops its workers as SIGTERM does
     try:
         try:
             cfg = load_config(argv)

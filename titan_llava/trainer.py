@@ -142,6 +142,7 @@ class Trainer:
             rank=self.rank, world_size=self.world_size, device=self.device,
         )
         self.step = self.checkpointer.maybe_resume()  # a checkpoint that cannot resume: set-up error
+        self.metrics.resume(self.step)  # records of the steps to be replayed move aside
         if self.rank == 0:  # only a config that passed every check (the resume's too) is saved
             logger.info(save_run_config(cfg, self.model_args))
         self.checkpointer.install_sigterm_handler()
@@ -149,8 +150,7 @@ class Trainer:
         if cfg.data.manifest:
             path = os.path.join(cfg.job.dump_folder, "manifest", f"rank{self.rank}.jsonl")
             self.manifest = ManifestWriter(path, self.rank)
-            # Steps after the resumed checkpoint are replayed: drop their lines first.
-            self.manifest.resume(self.step)
+            self.manifest.resume(self.step)  # steps after the checkpoint are replayed: drop them
 
     # ----- set-up helpers -----
     def _load_initial_weights(self) -> None:
