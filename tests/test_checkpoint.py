@@ -205,6 +205,10 @@ def test_complete_steps_and_resolve(tmp_path):
         if marker:
             (d / COMPLETE_MARKER).write_text("{}")
     assert complete_steps(str(tmp_path)) == ([2, 10], [".step-14.tmp", "step-12"])
+    # The marker without DCP's metadata (a partial copy of a folder) is not a checkpoint either.
+    (tmp_path / "step-16").mkdir()
+    (tmp_path / "step-16" / COMPLETE_MARKER).write_text("{}")
+    assert complete_steps(str(tmp_path)) == ([2, 10], [".step-14.tmp", "step-12", "step-16"])
     assert resolve_step_dir(str(tmp_path), "k") == str(tmp_path / "step-10")
     with pytest.raises(ValueError, match="initial_load_path"):
         resolve_step_dir(str(tmp_path / "step-12"), "checkpoint.initial_load_path")
@@ -227,6 +231,11 @@ def test_metadata_unpickler_refuses_foreign_classes(tmp_path):
     d.mkdir()
     (d / ".metadata").write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(ValueError, match="refused"):
+        read_metadata(str(d), "checkpoint.initial_load_path")
+    # A call of a torch function (torch.random.manual_seed(0), written by hand: libraries may
+    # wrap torch.manual_seed): torch's modules are not DCP's, so not admitted either.
+    (d / ".metadata").write_bytes(b"ctorch.random\nmanual_seed\n(I0\ntR.")
+    with pytest.raises(ValueError, match=r"torch\.random\.manual_seed: refused"):
         read_metadata(str(d), "checkpoint.initial_load_path")
 
 
@@ -367,6 +376,9 @@ def test_load_step_branches_once_and_requeues_resume_the_branch(tmp_path, straig
     p = train(dump, *RUN, "--checkpoint.load_step", "2")
     ok(p, 2)
     assert "checkpoint.load_step = 2" in p.stderr
+    # Refused before anything moved: the run's checkpoints are where they were.
+    assert "has no complete checkpoint of that step" in p.stderr and "moved to" not in p.stderr
+    assert complete_steps(ckpt(dump)) == ([8], [])
 
 
 def test_sigterm_during_a_save_stops_with_that_checkpoint(tmp_path, straight):
@@ -392,3 +404,73 @@ def test_pad_mode_resumes_though_image_newline_never_had_a_gradient(tmp_path):
     ok(train(dump, *pad, fault="accum@3"), -9)
     ok(train(dump, *pad))
     assert_same_history(metrics(dump), metrics(straight_dump), 4)
+
+
+def _step_dir(folder, name: str, marker: bool, shard: str = "shard") -> None:
+    d = folder / name
+    d.mkdir(parents=True)
+    (d / ".metadata").write_text("m")
+    (d / "__0_0.distcp").write_text(shard)
+    if marker:
+        (d / COMPLETE_MARKER).write_text("{}")
+
+
+def test_prune_removes_crash_leftovers_and_keeps_the_newest_k(tmp_path):
+    """After a save: every temporary or unmarked step folder (crashed saves, an interrupted
+    deletion) is deleted, and of the complete ones the newest keep_latest_k stay."""
+    from types import SimpleNamespace
+
+    from titan_llava.checkpoint import CheckpointManager
+
+    folder = tmp_path / "checkpoint"
+    for step in (2, 4, 6, 8):
+        _step_dir(folder, f"step-{step}", marker=True)
+    _step_dir(folder, ".step-10.tmp", marker=False)
+    _step_dir(folder, "step-5", marker=False)
+    (folder / "notes.txt").write_text("the user's")
+    manager = SimpleNamespace(folder=str(folder), ck=SimpleNamespace(keep_latest_k=2))
+    CheckpointManager._prune(manager)
+    assert complete_steps(str(folder)) == ([6, 8], [])
+    assert sorted(os.listdir(folder)) == ["notes.txt", "step-6", "step-8"]
+
+
+def test_publishing_replaces_a_leftover_folder_of_the_same_step(tmp_path):
+    """An unmarked step-6 left by a deletion that was killed midway is replaced when step 6 is
+    saved again (a rename onto it would fail), and nothing of it survives."""
+    from types import SimpleNamespace
+
+    from titan_llava.checkpoint import CheckpointManager
+
+    folder = tmp_path / "checkpoint"
+    _step_dir(folder, "step-6", marker=False, shard="old")
+    (folder / "step-6" / "__1_0.distcp").write_text("old")
+    _step_dir(folder, ".step-6.tmp", marker=False, shard="new")
+    manager = SimpleNamespace(folder=str(folder), rank=0, world_size=1, _inflight=(6, None),
+                              _prune=lambda: None)
+    CheckpointManager._finalize_inflight(manager)
+    assert complete_steps(str(folder)) == ([6], [])
+    assert sorted(os.listdir(folder / "step-6")) == [COMPLETE_MARKER, ".metadata", "__0_0.distcp"]
+    assert (folder / "step-6" / "__0_0.distcp").read_text() == "new"
+
+
+def test_no_resume_with_checkpointing_off(tmp_path):
+    """checkpoint.enable = false never resumes, even from a folder holding checkpoints."""
+    from titan_llava.config import load_config
+    from titan_llava.resume_step import find_resume_step
+
+    _step_dir(tmp_path / "checkpoint", "step-2", marker=True)
+    on = load_config(["--job.dump_folder", str(tmp_path), "--checkpoint.enable", "true"])
+    assert find_resume_step(on) == 2
+    off = load_config(["--job.dump_folder", str(tmp_path), "--checkpoint.enable", "false"])
+    assert find_resume_step(off) is None
+
+
+def test_resume_refuses_another_part_training_with_the_same_group_count(tmp_path):
+    """A projector-only checkpoint resumed with training.trainable = ["vision"]: both have two
+    parameter groups, so only the per-group state check can tell that vision never trained."""
+    dump = str(tmp_path)
+    short = [*RUN, "--training.steps", "2", "--lr_scheduler.warmup_steps", "1"]
+    ok(train(dump, *short, "--training.trainable", '["projector"]'))
+    p = train(dump, *short, "--training.steps", "4", "--training.trainable", '["vision"]')
+    ok(p, 2)
+    assert "no optimizer state for the parameter groups vision, vision_no_decay" in p.stderr

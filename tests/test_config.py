@@ -150,11 +150,34 @@ def test_validate_batch_and_parallelism():
          "training.frozen_param_dtype is 'float32' but training.mixed_precision_param"),
         (["--parallelism.train_timeout_seconds", "0"], "parallelism.train_timeout_seconds must be > 0"),
         (["--parallelism.init_timeout_seconds", "-1"], "parallelism.init_timeout_seconds must be > 0"),
+        (["--training.steps", "-1", "--training.epochs", "0"], "training.epochs must be > 0"),
+        (["--optimizer.betas", "0.9,1.0"], "optimizer.betas must be in"),
+        (["--optimizer.lr", "-1e-3"], "optimizer.lr must be a finite number >= 0"),
+        (["--lr_scheduler.min_lr_ratio", "1.5"], "lr_scheduler.min_lr_ratio"),
+        (["--lr_scheduler.warmup_steps", "-1"], "lr_scheduler.warmup_steps must be >= 0"),
+        (["--model.grid_pinpoints", "[[336, 300]]"], "model.grid_pinpoints"),
+        (["--model.grid_pinpoints", "[]"], "model.grid_pinpoints must not be empty"),
+        (["--job.seed", "-1"], "job.seed must be in"),
     ],
 )
 def test_validate_rejects(argv, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(argv).validate()
+
+
+def test_validate_boundaries_and_the_data_parallel_degree():
+    """Limits that are allowed pass; the megabatch must split evenly over the DP ranks."""
+    cfg = load_config(["--lr_scheduler.warmup_steps", "10", "--training.steps", "10"])
+    cfg.validate()  # warmup as long as the run is allowed (HF too)
+    assert cfg.resolve_steps(1000) == 10
+    cfg = load_config(["--training.steps", "1"])
+    cfg.validate()
+    assert cfg.resolve_steps(1000) == 1  # a set step count is never replaced by epochs
+    grouped = ["--data.packing", "--data.group_by_modality_length", "--data.modality_megabatch", "3"]
+    load_config(grouped).validate(world_size=1)
+    with pytest.raises(ValueError, match=r"data\.modality_megabatch \(3\) must be a positive multiple of "
+                                         r"the data-parallel degree \(2\)"):
+        load_config(grouped).validate(world_size=2)
 
 
 def test_warmup_and_steps():
@@ -190,6 +213,8 @@ def test_validate_paths(tmp_path):
                     f"{tmp_path},{tmp_path}/missing"]
         ).validate_paths()
     load_config(base + ["--data.image_folder", "none"]).validate_paths()
+    with pytest.raises(ValueError, match="checkpoint.initial_load_path: directory"):
+        load_config(base + ["--checkpoint.initial_load_path", str(tok)]).validate_paths()  # a file
 
 
 def test_dump_round_trip(tmp_path):

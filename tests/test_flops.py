@@ -204,3 +204,39 @@ def test_step_counts_sum_the_micro_batches_each_by_its_own_rule():
     assert each[id(text)]["flops"] == step_flops(
         args, lengths, 0, ["projector"], head_tokens=int(text.loss_index.shape[0])
     ).total
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_step_counts_count_documents_and_real_tokens_not_rows_or_padding(packing):
+    """tokens = non-padding tokens (image tokens included), text_tokens = the rest after image
+    tokens, samples = documents (a packed row holds several), over micro-batches with padding."""
+    import os
+
+    from titan_llava.data.loader import build_data_loader
+    from titan_llava.metrics import step_counts
+
+    assets = os.path.join(os.path.dirname(__file__), "assets")
+    args = copy.deepcopy(LLAVA_FLAVORS["debug"])
+    loader = build_data_loader(
+        os.path.join(assets, "sample_data", "finetune.json"), os.path.join(assets, "sample_data"),
+        os.path.join(assets, "tokenizer", "tokenizer.model"), "vicuna_v1", 2048, 2, shuffle=False,
+        image_size=args.vision.image_size, patch_size=args.vision.patch_size, prefetch=0,
+        packing=packing, packing_row_len=4096,
+    )
+    try:
+        batches = [b for _, b in zip(range(3), loader)]
+    finally:
+        loader.close()
+    counts = step_counts(batches, 0, args, ["projector"])
+    real = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)  # a lower bound
+    padded = sum(b.input_ids.numel() for b in batches)
+    lengths = sum(sum(document_lengths(b.input_ids, 0, b.document_ids)) for b in batches)
+    images = sum(int((b.input_ids == IMAGE_TOKEN_INDEX).sum()) for b in batches)
+    samples = sum(len(ids) for b in batches for ids in b.sample_ids)
+    rows = sum(len(b.sample_ids) for b in batches)
+    assert real < counts["tokens"] == lengths < padded  # the micro-batches do hold padding
+    assert counts["image_tokens"] == images > 0
+    assert counts["text_tokens"] == lengths - images
+    assert counts["samples"] == samples
+    if packing:
+        assert samples > rows

@@ -13,6 +13,7 @@ from titan_llava.models.llava import LlavaNext
 from titan_llava.optim import (
     build_lr_scheduler,
     build_optimizer,
+    count_parameters,
     no_decay_parameter_names,
     part_of,
     set_trainable,
@@ -71,6 +72,10 @@ def test_frozen_parts_get_no_group_and_no_state(model):
     set_trainable(m, ["projector"])
     opt = build_optimizer(m, _cfg())
     assert {g["name"] for g in opt.param_groups} == {"projector", "projector_no_decay"}
+    counts = count_parameters(m)
+    assert counts["llm"]["trainable"] == counts["vision"]["trainable"] == counts["projector"]["frozen"] == 0
+    assert counts["projector"]["trainable"] == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert counts["llm"]["frozen"] == sum(p.numel() for p in m.language_model.parameters())
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable == {"projector.linear_1.weight", "projector.linear_1.bias",
                          "projector.linear_2.weight", "projector.linear_2.bias", "image_newline"}
@@ -166,7 +171,7 @@ def test_warmup_ratio_rounds_up_like_hf_trainer():
 
 @pytest.mark.parametrize("max_norm", [0.5, 0.0])
 def test_trainer_update_clips_to_max_norm(max_norm):
-    """Trainer._update: the optimizer sees gradients clipped to training.max_norm (<= 0: not
+    """Trainer._update: the optimizer sees gradients clipped to training.max_norm (0: not
     clipped); the logged norm is the norm before clipping."""
     from types import SimpleNamespace
 

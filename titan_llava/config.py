@@ -125,7 +125,7 @@ class Training:
     instead of 27 GB and its forward and backward are bit-identical. The reference also holds its
     frozen parts in bf16 (it loads the whole model with torch_dtype=bfloat16)."""
     max_norm: float = 1.0
-    """Global gradient-norm clip (HF Trainer default 1.0); <= 0 disables clipping."""
+    """Global gradient-norm clip (HF Trainer default 1.0); 0 disables clipping."""
     loss_normalization: Literal["global_tokens", "per_microbatch"] = "global_tokens"
     """"global_tokens": summed token CE / valid tokens of the whole step (all micro-batches and ranks).
     "per_microbatch": mean CE per micro-batch averaged over micro-batches (HF Trainer)."""

@@ -81,6 +81,15 @@ def test_dotdot_escape(tmp_path):
     assert load_image(str(folder), "sub/../ok.png").size == (8, 8)
 
 
+def test_sibling_folder_sharing_the_name_prefix_is_outside(tmp_path):
+    """`images2/` starts with the string `images` but is not inside `images/`."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (tmp_path / "images2").mkdir()
+    _noise(8, 8).save(tmp_path / "images2" / "secret.png")
+    assert _reason(folder, "../images2/secret.png") == "image_path_escape"
+
+
 def test_absolute_path(tmp_path):
     _noise(8, 8).save(tmp_path / "a.png")
     assert _reason(tmp_path, str(tmp_path / "a.png")) == "image_path_escape"

@@ -173,6 +173,51 @@ def test_world_size_change_and_config_change_raise() -> None:
         make_loader(dp_rank=0, dp_world_size=2, seed=4).load_state_dict(state)
 
 
+@pytest.mark.parametrize("change, key", [
+    (dict(shuffle=False), "shuffle"),
+    (dict(local_batch_size=3), "local_batch_size"),
+    (dict(max_seq_len=500), "max_seq_len"),
+    (dict(group_by_modality_length=True), "modality_lengths_digest"),
+])
+def test_every_setting_of_the_order_is_refused_when_it_changes(change, key) -> None:
+    """Each setting the saved position depends on is named when it differs on resume."""
+    loader = make_loader()
+    next(iter(loader))
+    with pytest.raises(ValueError, match=f"{key}: saved "):
+        make_loader(**change).load_state_dict(loader.state_dict())
+
+
+def test_the_same_records_in_another_order_or_with_other_lengths_are_refused(tmp_path) -> None:
+    """A data file of the same length whose records are reordered (the ids digest), or, when
+    grouping, whose texts changed length (the grouped order is drawn from the lengths)."""
+    with open(os.path.join(DATA, "finetune.json")) as fh:
+        records = json.load(fh)
+    grouped = dict(group_by_modality_length=True, global_batch_size=2)
+    paths = {}
+    for name, recs in (("orig", records), ("reversed", records[::-1]),
+                       ("longer", [{**r, "conversations": [dict(t) for t in r["conversations"]]} for r in records])):
+        paths[name] = tmp_path / f"{name}.json"
+        if name == "longer":
+            recs[5]["conversations"][-1]["value"] += " and some more words"
+        paths[name].write_text(json.dumps(recs))
+    loader = make_loader(path=str(paths["orig"]), **grouped)
+    next(iter(loader))
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="sample_ids_digest: saved "):
+        make_loader(path=str(paths["reversed"]), **grouped).load_state_dict(state)
+    with pytest.raises(ValueError, match="modality_lengths_digest: saved "):
+        make_loader(path=str(paths["longer"]), **grouped).load_state_dict(state)
+    make_loader(path=str(paths["orig"]), **grouped).load_state_dict(state)  # unchanged: accepted
+
+
+def test_load_state_dict_after_iterating_is_refused() -> None:
+    loader = make_loader()
+    next(iter(loader))
+    state = loader.state_dict()
+    with pytest.raises(RuntimeError, match="before iterating"):
+        loader.load_state_dict(state)
+
+
 def test_pin_memory_flag_runs_on_cpu() -> None:
     batch = next(iter(make_loader(pin_memory=True)))
     assert batch.input_ids.shape[0] == 2

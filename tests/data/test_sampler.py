@@ -175,6 +175,9 @@ def test_bad_arguments() -> None:
         DistributedSampleSampler(5, shuffle=False, modality_lengths=np.ones(5, dtype=np.int32))
     with pytest.raises(ValueError, match="no samples"):
         DistributedSampleSampler(0)
+    with pytest.raises(ValueError, match="global_batch_size 5 is not a multiple of the local batch 2"):
+        DistributedSampleSampler(6, modality_lengths=np.ones(6, dtype=np.int32), batch_size=2,
+                                 global_batch_size=5)
 
 
 @pytest.mark.parametrize("num_samples", [1, 7, 40, 41])

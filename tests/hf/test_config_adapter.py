@@ -199,6 +199,7 @@ def _with(cfg: dict, path: str, value) -> dict:
         ("text_config.head_dim", 64, "head_dim"),
         ("text_config.model_type", "mistral", "model_type"),
         ("vision_config.hidden_act", "gelu", "hidden_act"),
+        ("vision_config.num_channels", 1, "num_channels"),
         ("vision_config.model_type", "siglip_vision_model", "model_type"),
         ("model_type", "llava", "model_type"),
     ],

@@ -216,6 +216,9 @@ def test_bad_inputs_name_the_problem(tmp_path):
             small.state_dict().items(), small.args, TOKENIZER, str(tmp_path / "d")
         )
     assert not (tmp_path / "d").exists()  # refused before anything is written
+    twice = [*sd.items(), ("image_newline", sd["image_newline"])]
+    with pytest.raises(ValueError, match="'image_newline' appears twice"):
+        export_state_dict(twice, model.args, TOKENIZER, str(tmp_path / "e"))
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         export_state_dict(sd.items(), model.args, TOKENIZER, str(tmp_path / "file"))
@@ -270,3 +273,37 @@ def test_re_export_replaces_the_earlier_shards(tmp_path):
             model.state_dict().items(), model.args, TOKENIZER, str(out), torch.float32
         )
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_shard_writer_bounds_shards_indexes_them_and_keeps_foreign_files(tmp_path):
+    """Shards hold at most max_shard_bytes (a single larger tensor alone), the index's total_size
+    is every tensor's bytes, and a re-export deletes only this writer's own shard names."""
+    from titan_llava.hf.export_weights import ShardWriter
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"the user's adapter")
+    (out / "model-00001-of-00009.safetensors").write_bytes(b"an earlier export's shard")
+    writer = ShardWriter(str(out), max_shard_bytes=100)
+    for i in range(3):
+        writer.add(f"t{i}", torch.full((15,), float(i)))  # 60 bytes each: one per shard
+    writer.add("big", torch.zeros(40))  # 160 bytes: a shard of its own
+    names = writer.close()
+    assert names == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    with open(out / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    assert index["metadata"]["total_size"] == 3 * 60 + 160
+    assert index["weight_map"] == {"t0": names[0], "t1": names[1], "t2": names[2], "big": names[3]}
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(names + ["adapter_model.safetensors"])
+    assert writer.removed == ["model-00001-of-00009.safetensors"]
+
+
+def test_unexpected_extra_vision_tensors_are_refused(tmp_path):
+    from titan_llava.hf.export_weights import extra_vision_from_init, write_weights
+
+    model = _random_model()
+    extra = extra_vision_from_init(model.args.vision, seed=0)
+    extra["encoder.layers.9.mlp.fc1.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="extra vision tensors"):
+        write_weights(model.state_dict().items(), model.args, str(tmp_path), torch.float32,
+                      1024, extra, max_shard_bytes=1 << 30)

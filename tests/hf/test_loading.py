@@ -230,3 +230,40 @@ def test_vocab_rows_truncated_only_for_special_tokens(hf_dirs, tmp_path):
         ValueError, match=r"(embed_tokens|lm_head).*\[512, 64\] vs model \[600, 64\]"
     ):
         load_hf_weights(build(big), llava_dir=hf_dirs["llava"])
+
+
+def test_a_llava_checkpoint_must_hold_the_projector(hf_dirs, tmp_path):
+    """Only the llm_dir + clip_dir start leaves the projector at init; a LLaVA-NeXT checkpoint
+    without it is an error, not a silently random projector."""
+    state = {k: v for k, v in file_state(hf_dirs["llava"]).items()
+             if not k.startswith("multi_modal_projector.")}
+    d = write_renamed(state, str(tmp_path / "no_projector"), None)
+    shutil.copy(os.path.join(hf_dirs["llava"], "config.json"), d)
+    args = args_from_hf(llava_dir=hf_dirs["llava"])
+    with pytest.raises(ValueError, match="projector.linear_1.bias' is not in the checkpoint"):
+        load_hf_weights(build(args), llava_dir=d)
+
+
+def test_dropped_vocab_rows_may_not_be_base_tokens(hf_dirs, tmp_path):
+    """A tokenizer.json with more base pieces than the model's rows: the extra rows are real
+    tokens (no added-token entry says otherwise), so they may not be cut."""
+    d = _padded_vocab_dir(hf_dirs, tmp_path, "base", None)
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        json.dump({"model": {"vocab": {f"t{i}": i for i in range(516)}}, "added_tokens": []}, f)
+    args = args_from_hf(llava_dir=hf_dirs["llava"])
+    with pytest.raises(ValueError, match="516 base tokens; a model with vocab_size 512 would drop"):
+        load_hf_weights(build(args), llava_dir=d)
+
+
+def test_two_checkpoint_tensors_for_one_parameter_are_refused(hf_dirs, tmp_path):
+    """A CLIP checkpoint holding a tensor both with and without the `vision_model.` prefix (two
+    writers' files merged): which one would load is arbitrary, so it is an error."""
+    state = file_state(hf_dirs["clip_vision"])
+    (key,) = [k for k in state if k.endswith("embeddings.class_embedding")]
+    other = key.removeprefix("vision_model.") if key.startswith("vision_model.") else "vision_model." + key
+    state[other] = state[key] + 1
+    d = write_renamed(state, str(tmp_path / "dup"), None)
+    shutil.copy(os.path.join(hf_dirs["clip_vision"], "config.json"), d)
+    args = args_from_hf(llm_dir=hf_dirs["llama"], clip_dir=hf_dirs["clip_vision"])
+    with pytest.raises(ValueError, match="both map to 'vision_tower.class_embedding'"):
+        load_hf_weights(build(args), llm_dir=hf_dirs["llama"], clip_dir=d)
