@@ -78,17 +78,22 @@ def ckpt(dump: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> dict:
+def straight_run(tmp_path_factory) -> tuple[str, dict]:
     dump = str(tmp_path_factory.mktemp("straight"))
     ok(train(dump, *RUN))
     hist = metrics(dump)
     assert sorted(hist) == list(range(1, 9)) and all(len(v) == 1 for v in hist.values())
     assert complete_steps(ckpt(dump)) == ([2, 4, 6, 8], [])
-    return hist
+    return dump, hist
 
 
-def test_kill_crash_during_save_sigterm_resume_bit_identical(tmp_path, straight):
-    dump = str(tmp_path)
+@pytest.fixture(scope="module")
+def straight(straight_run) -> dict:
+    return straight_run[1]
+
+
+def test_kill_crash_during_save_sigterm_resume_bit_identical(tmp_path, straight_run):
+    dump, (straight_dump, straight) = str(tmp_path), straight_run
     # SIGKILL in the middle of step 3's gradient accumulation (after checkpoint 2).
     ok(train(dump, *RUN, fault="accum@3"), -9)
     assert complete_steps(ckpt(dump)) == ([2], [])
@@ -115,6 +120,10 @@ def test_kill_crash_during_save_sigterm_resume_bit_identical(tmp_path, straight)
     # The epoch wrapped before checkpoint 8 (its data state is in epoch 1).
     blob = _read(os.path.join(ckpt(dump), "step-8"), "dataloader.dp_rank_0")
     assert json.loads(bytes(blob.tolist()))["sampler"]["epoch"] == 1
+    # The token count carried over the resumes (not restarted from the resumed step).
+    tokens = [_read(os.path.join(ckpt(d), "step-8"), "train_state.tokens_seen").item()
+              for d in (dump, straight_dump)]  # fmt: skip
+    assert tokens[0] == tokens[1] > 0
 
 
 def test_crash_at_save_begin_then_async_resume(tmp_path, straight):
