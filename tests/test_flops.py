@@ -158,6 +158,25 @@ def test_metrics_logger(tmp_path):
     assert not other.exists()
 
 
+def _sample_batches(args, n: int, local_batch_size: int, **loader_kw) -> list:
+    """The first `n` micro-batches of the test assets' sample data, in file order."""
+    import os
+
+    from titan_llava.data.loader import build_data_loader
+
+    assets = os.path.join(os.path.dirname(__file__), "assets")
+    loader = build_data_loader(
+        os.path.join(assets, "sample_data", "finetune.json"), os.path.join(assets, "sample_data"),
+        os.path.join(assets, "tokenizer", "tokenizer.model"), "vicuna_v1", 2048, local_batch_size,
+        shuffle=False, image_size=args.vision.image_size, patch_size=args.vision.patch_size,
+        prefetch=0, **loader_kw,
+    )  # fmt: skip
+    try:
+        return [b for _, b in zip(range(n), loader)]
+    finally:
+        loader.close()
+
+
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12),
     ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
@@ -174,22 +193,10 @@ def test_step_counts_sum_the_micro_batches_each_by_its_own_rule():
     LLM, a text-only one does not (its stand-in tile is overhead, not model work). A step's count is
     the sum of its micro-batches' counts, so it does not depend on which micro-batches share a step
     or a rank."""
-    import os
-
-    from titan_llava.data.loader import build_data_loader
     from titan_llava.metrics import step_counts
 
-    assets = os.path.join(os.path.dirname(__file__), "assets")
     args = copy.deepcopy(LLAVA_FLAVORS["debug"])
-    loader = build_data_loader(
-        os.path.join(assets, "sample_data", "finetune.json"), os.path.join(assets, "sample_data"),
-        os.path.join(assets, "tokenizer", "tokenizer.model"), "vicuna_v1", 2048, 1, shuffle=False,
-        image_size=args.vision.image_size, patch_size=args.vision.patch_size, prefetch=0,
-    )
-    try:
-        batches = [b for _, b in zip(range(20), loader)]
-    finally:
-        loader.close()
+    batches = _sample_batches(args, 20, local_batch_size=1)
     text = next(b for b in batches if b.pixel_values is None)
     image = next(b for b in batches if b.pixel_values is not None)
     pad = 0
@@ -210,23 +217,12 @@ def test_step_counts_sum_the_micro_batches_each_by_its_own_rule():
 def test_step_counts_count_documents_and_real_tokens_not_rows_or_padding(packing):
     """tokens = non-padding tokens (image tokens included), text_tokens = the rest after image
     tokens, samples = documents (a packed row holds several), over micro-batches with padding."""
-    import os
-
-    from titan_llava.data.loader import build_data_loader
     from titan_llava.metrics import step_counts
 
-    assets = os.path.join(os.path.dirname(__file__), "assets")
     args = copy.deepcopy(LLAVA_FLAVORS["debug"])
-    loader = build_data_loader(
-        os.path.join(assets, "sample_data", "finetune.json"), os.path.join(assets, "sample_data"),
-        os.path.join(assets, "tokenizer", "tokenizer.model"), "vicuna_v1", 2048, 2, shuffle=False,
-        image_size=args.vision.image_size, patch_size=args.vision.patch_size, prefetch=0,
-        packing=packing, packing_row_len=4096,
+    batches = _sample_batches(
+        args, 3, local_batch_size=2, packing=packing, packing_row_len=4096
     )
-    try:
-        batches = [b for _, b in zip(range(3), loader)]
-    finally:
-        loader.close()
     counts = step_counts(batches, 0, args, ["projector"])
     real = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)  # a lower bound
     padded = sum(b.input_ids.numel() for b in batches)

@@ -37,7 +37,7 @@ from titan_llava.checkpoint_io import (
     step_dir_name,
     tmp_dir_name,
 )
-from titan_llava.distributed.utils import all_reduce_max
+from titan_llava.distributed.utils import all_reduce_max, is_distributed
 from titan_llava.resume_step import find_resume_step
 
 logger = logging.getLogger("titan_llava")
@@ -65,12 +65,8 @@ def install_early_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _barrier() -> None:
-    if _dist():
+    if is_distributed():
         dist.barrier()
 
 
@@ -129,7 +125,7 @@ class CheckpointManager:
         self.sigterm_during_save = False  # some rank got SIGTERM while the last save ran
         self._async_pg = None
         self._poll_pg = None
-        if self.ck.enable and self.ck.async_mode == "async" and _dist():
+        if self.ck.enable and self.ck.async_mode == "async" and is_distributed():
             # The upload thread's collectives must not interleave with the training ones.
             self._async_pg = dist.new_group(backend="gloo")
             # Whether every rank's upload is done: a group of its own, never the upload's (whose
@@ -204,7 +200,7 @@ class CheckpointManager:
     def save(self, step: int) -> None:
         self._finalize_inflight()
         tokens = torch.tensor([self._pending_tokens], dtype=torch.int64, device=self.device)
-        if _dist():
+        if is_distributed():
             dist.all_reduce(tokens)
         self.tokens_seen += int(tokens.item())
         self._pending_tokens = 0
@@ -217,7 +213,7 @@ class CheckpointManager:
         sd = self._state_dict(for_save=True)
         sd["train_state"]["step"] = torch.tensor(step, dtype=torch.int64)
         maybe_crash("save_begin", step, self.rank)
-        if self._async_pg is not None or (self.ck.async_mode == "async" and not _dist()):
+        if self._async_pg is not None or (self.ck.async_mode == "async" and not is_distributed()):
             fut = dcp.async_save(sd, checkpoint_id=tmp, process_group=self._async_pg)
             fut = getattr(fut, "upload_completion", fut)
             self._inflight = (step, fut)
@@ -235,7 +231,7 @@ class CheckpointManager:
         if self._inflight is None or self._inflight[1] is None:
             return
         done = torch.tensor([1 if self._inflight[1].done() else 0], dtype=torch.int64)
-        if _dist():
+        if is_distributed():
             dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._poll_pg)
         if int(done.item()):
             self._finalize_inflight()

@@ -16,6 +16,7 @@ import torch
 
 from titan_llava.flops import document_lengths, peak_flops, step_flops
 from titan_llava.models.args import LlavaNextArgs
+from titan_llava.step_records import drop_records_after
 
 logger = logging.getLogger(__name__)
 
@@ -205,22 +206,10 @@ class MetricsLogger:
         if self._file is None:
             return
         self._file.close()
-        kept, dropped = [], []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                line = line if line.endswith("\n") else line + "\n"
-                (kept if record.get("step", 0) <= step else dropped).append(line)
+        dropped = drop_records_after(self.path, step)
         if dropped:
             with open(os.path.join(os.path.dirname(self.path), "metrics.superseded.jsonl"), "a") as fh:
                 fh.writelines(dropped)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(kept)
-        os.replace(tmp, self.path)
         self._file = open(self.path, "a")
 
     def log(

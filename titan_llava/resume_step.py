@@ -11,17 +11,14 @@ import torch
 import torch.distributed as dist
 
 from titan_llava.checkpoint_io import complete_steps, step_dir_name
+from titan_llava.distributed.utils import is_distributed
 
 logger = logging.getLogger("titan_llava")
 
 
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _broadcast_int(value: int) -> int:
     """Rank 0's value on every rank (rank 0 alone reads the file system, so all ranks agree)."""
-    if not _dist():
+    if not is_distributed():
         return value
     t = torch.tensor([value], dtype=torch.int64)
     if dist.get_backend() == "nccl":
@@ -39,7 +36,7 @@ def find_resume_step(cfg) -> int | None:
         return None
     folder = os.path.join(cfg.job.dump_folder, ck.folder)
     chosen = -1
-    if not _dist() or dist.get_rank() == 0:
+    if not is_distributed() or dist.get_rank() == 0:
         steps, ignored = complete_steps(folder)
         for name in ignored:
             logger.warning(f"ignoring incomplete checkpoint {os.path.join(folder, name)}")

@@ -10,6 +10,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from titan_llava.step_records import drop_records_after
+
 
 class ManifestWriter:
     """Appends {"step", "rank", "ids"} lines to the file `path_for_rank` (one file per rank)."""
@@ -22,23 +24,7 @@ class ManifestWriter:
 
     def resume(self, step: int) -> None:
         """Keep only the lines of steps <= `step` (the checkpoint being resumed); rewrite atomically."""
-        if not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    break  # a torn last line from a crash; everything after it is replayed anyway
-                if entry["step"] <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(kept)
-        os.replace(tmp, self.path)
+        drop_records_after(self.path, step)
 
     def write(self, step: int, ids: list[str]) -> None:
         if self._fh is None:

@@ -48,7 +48,7 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
 
 def set_collective_timeout(timeout_s: int, mesh=None) -> None:
     """Change the timeout of the default process group and of `mesh`'s groups (after set-up)."""
-    if not _is_dist():
+    if not is_distributed():
         return
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
@@ -113,14 +113,14 @@ def set_matmul_precision(device: torch.device, param_dtype: str) -> bool:
     return True
 
 
-def _is_dist() -> bool:
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum over ranks (a copy; a no-op without a process group)."""
     x = x.detach().clone()
-    if _is_dist():
+    if is_distributed():
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
@@ -128,12 +128,12 @@ def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
 def all_reduce_mean(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Mean over ranks (float)."""
     x = all_reduce_sum(x.float(), group)
-    return x / (dist.get_world_size(group) if _is_dist() else 1)
+    return x / (dist.get_world_size(group) if is_distributed() else 1)
 
 
 def all_reduce_max(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     x = x.detach().clone()
-    if _is_dist():
+    if is_distributed():
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     return x
 
@@ -155,7 +155,7 @@ def all_reduce_scalars(values: dict[str, float], device: torch.device, op: str =
 
 def all_reduce_counts(counts: dict[str, int]) -> dict[str, int]:
     """Sum per-key counters over ranks whose key sets may differ (e.g. skipped samples by reason)."""
-    if not _is_dist():
+    if not is_distributed():
         return dict(counts)
     per_rank: list[dict[str, int] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, counts)
