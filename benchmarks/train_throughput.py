@@ -383,7 +383,7 @@ def run(a: argparse.Namespace, overrides: list[str], folder: str) -> dict:
         # Whether the step's numbers were read a step later (fused AdamW) or before each update.
         "deferred_check": trainer.step_check.defer,
         "attn_backend": trainer.cfg.model.attn_backend,
-        "flash_attention_impl": trainer.cfg.model.flash_attention_impl,
+        "flash_attention_impl": trainer.flash_attention_impl,
         # Calls of the flash-attention 4 kernels in the measured steps (proof they ran there).
         "fa4_calls_measured": {k: v - clock["fa4_calls"][k] for k, v in fa4_compat.calls.items()},
         # What the LLM's packed rows ran on (activations are bf16 on CUDA, fp32 on CPU).

@@ -77,9 +77,10 @@ class Trainer:
         self.dataset = LlavaDataset(cfg.data.path)
         self.total_steps = cfg.resolve_steps(len(self.dataset))
 
-        # An opt-in flash implementation is activated and checked before any model exists.
-        flash_impl.activate(cfg.model.flash_attention_impl, cfg.model.attn_backend, self.model_args.llm,
-                            self.device, getattr(torch, cfg.training.mixed_precision_param))
+        # An opt-in flash implementation ("auto" resolved) is activated and checked first.
+        self.flash_attention_impl = flash_impl.activate(
+            cfg.model.flash_attention_impl, cfg.model.attn_backend, self.model_args.llm,
+            self.device, getattr(torch, cfg.training.mixed_precision_param))
 
         # Meta model -> freeze/AC/compile/FSDP from outside -> real storage -> init -> weights.
         with torch.device("meta"):

@@ -1,7 +1,8 @@
 """model.flash_attention_impl: the start-up check (the model's CPU route for packed rows passes;
 broken routes fail, naming what differs), and the trainer's activation call (what it refuses,
 what it asks torch for, the check it runs). The FA3/FA4 kernels themselves need a GPU and their
-packages: not run here (benchmarks/README.md, session 9)."""
+packages: run on an H100 in round 8 (benchmarks/README.md), not here. "auto" (what the 7B
+configs ship): FA4 only where it applies and was measured, else torch's kernel, saying why."""
 
 from __future__ import annotations
 
@@ -199,6 +200,92 @@ def test_a_failed_check_stops_the_run(on_cuda):
         flash_impl.activate("FA3", "sdpa", LLM, CUDA, BF16, check=check)
 
 
+# --- "auto": FA4 where it applies and was measured (Hopper), torch's own kernel elsewhere ---
+
+
+def _counting_check(calls):
+    def check(device, dtype, n_heads, head_dim, label):
+        calls["checked"].append(label)
+        fa4_compat.calls["forward"] += 1  # as the FA4 kernels do when the check reaches them
+        fa4_compat.calls["backward"] += 1
+        return {"out": 1e-3, "dq": 2e-3, "dk": 2e-3, "dv": 1e-3}
+    return check
+
+
+@pytest.fixture
+def hopper(monkeypatch, on_cuda, fake_fa4):
+    """A Hopper GPU with flash-attn-4 importable (stood in for)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fake_fa4()
+    return on_cuda
+
+
+def test_auto_picks_fa4_on_hopper_where_it_imports(hopper, caplog):
+    with caplog.at_level("INFO", logger="titan_llava.models.flash_impl"):
+        got = flash_impl.activate("auto", "sdpa", LLM, CUDA, BF16, check=_counting_check(hopper))
+    assert got == "FA4" and hopper["activated"] == ["FA4"]
+    assert hopper["checked"] == ["model.flash_attention_impl 'auto' (chose 'FA4')"]
+    assert "model.flash_attention_impl 'auto': FA4 (flash-attn-4 imports" in caplog.text
+    assert "start-up check against fp32 SDPA passed" in caplog.text
+
+
+def _no_fa4_module(monkeypatch):
+    for name in ("flash_attn", "flash_attn.cute", fa4_compat.FA4_MODULE):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ModuleNotFoundError
+
+
+def _broken_fa4_module(monkeypatch):
+    def interface():
+        raise OSError("libcuda.so.1: cannot open shared object file")
+    monkeypatch.setattr(fa4_compat, "interface", interface)
+
+
+@pytest.mark.parametrize("backend, capability, impls, module, why", [
+    ("flex", (9, 0), ["FA3", "FA4"], None, "model.attn_backend is 'flex', not 'sdpa'"),
+    ("sdpa", (8, 0), ["FA3", "FA4"], None, "compute capability is 8.0"),
+    ("sdpa", (10, 0), ["FA3", "FA4"], None, "compute capability is 10.0"),
+    ("sdpa", (9, 0), ["FA3"], None, "has no FA4 in its flash registry"),
+    ("sdpa", (9, 0), ["FA3", "FA4"], _no_fa4_module, "flash-attn-4 is not installed"),
+    ("sdpa", (9, 0), ["FA3", "FA4"], _broken_fa4_module,
+     "flash-attn-4 does not import (OSError: libcuda.so.1"),
+])
+def test_auto_falls_back_to_torchs_kernel_and_says_why(hopper, monkeypatch, caplog, backend,
+                                                      capability, impls, module, why):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(flash_impl, "available_impls", lambda: impls)
+    if module is not None:
+        module(monkeypatch)
+    with caplog.at_level("INFO", logger="titan_llava.models.flash_impl"):
+        got = flash_impl.activate("auto", backend, LLM, CUDA, BF16, check=_fail_check)
+    assert got == "" and hopper["activated"] == []
+    assert "model.flash_attention_impl 'auto': torch's own flash kernel" in caplog.text
+    assert why in caplog.text
+
+
+def test_auto_on_this_cpu_is_torchs_kernel(caplog):
+    with caplog.at_level("INFO", logger="titan_llava.models.flash_impl"):
+        got = flash_impl.activate("auto", "sdpa", LLM, torch.device("cpu"), BF16, check=_fail_check)
+    assert got == ""
+    assert "packed rows do not run on torch's varlen kernel here (cpu" in caplog.text
+
+
+def test_auto_never_hides_a_failing_fa4(hopper):
+    """Where "auto" chose FA4 and its check fails, the run stops (it is not swapped silently
+    for torch's kernel: the installed package is broken), naming what was asked and chosen."""
+    def check(device, dtype, n_heads, head_dim, label):
+        raise RuntimeError(f"{label} failed its start-up check: dq differs by 0.4")
+
+    with pytest.raises(RuntimeError,
+                       match=r"'auto' \(chose 'FA4'\) failed its start-up check: dq differs"):
+        flash_impl.activate("auto", "sdpa", LLM, CUDA, BF16, check=check)
+
+
+def test_explicit_impls_return_what_is_active(on_cuda):
+    assert flash_impl.activate("", "sdpa", LLM, CUDA, BF16, check=_fail_check) == ""
+    assert flash_impl.activate("FA3", "sdpa", LLM, CUDA, BF16,
+                               check=lambda *a, **k: {"out": 0.0}) == "FA3"
+
+
 def test_trainer_refuses_it_before_any_work(tmp_path):
     """On this CPU machine the key cannot apply: the run stops with the config-error status
     before the model is built, naming the key; an unknown value fails at config load."""
@@ -208,6 +295,15 @@ def test_trainer_refuses_it_before_any_work(tmp_path):
     assert "trainable" not in proc.stderr  # the model's parameter summary never printed
     proc = run_train(str(tmp_path / "b"), ["--model.flash_attention_impl", "FA5"], check=False)
     assert proc.returncode == 2 and "flash_attention_impl" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_trainer_with_auto_trains_on_torchs_kernel_here(tmp_path):
+    """The shipped 7B configs ask for "auto": on this CPU machine the run trains on torch's own
+    kernel, and the log says so and why."""
+    proc = run_train(str(tmp_path / "run"), ["--model.flash_attention_impl", "auto",
+                                             "--training.steps", "2", "--checkpoint.enable", "false"])
+    assert ("model.flash_attention_impl 'auto': torch's own flash kernel (packed rows do not run "
+            "on torch's varlen kernel here (cpu") in proc.stdout + proc.stderr
 
 
 

@@ -121,14 +121,58 @@ def startup_check(device: torch.device, dtype: torch.dtype, n_heads: int, head_d
     return diffs
 
 
+# Where "auto" picks FA4: the compute capabilities it was measured on (H100, round 8 of
+# benchmarks/README.md: stage 1 +8.4%, stage 2 +5.1%). FA4 also has Blackwell kernels, not run
+# here: set "FA4" explicitly there.
+AUTO_FA4_CAPABILITIES = ((9, 0),)
+
+
+def fa4_importable() -> str:
+    """"" if flash-attention 4 (`flash_attn.cute.interface`) imports, else why not."""
+    try:
+        fa4_compat.interface()
+    except ModuleNotFoundError as e:
+        return f"flash-attn-4 is not installed ({e})"
+    except Exception as e:  # a broken install: said, not raised ("auto" then uses torch's own)
+        return f"flash-attn-4 does not import ({type(e).__name__}: {e})"
+    return ""
+
+
+def resolve_auto(attn_backend: str, llm, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """What "auto" means here: ("FA4", why) where it can apply and was measured to pay (the
+    sdpa backend's packed rows on torch's varlen kernel, a Hopper GPU, torch's flash registry
+    and flash-attn-4 importable), else ("", why not): torch's own flash kernel."""
+    if attn_backend != "sdpa":
+        return "", f"model.attn_backend is {attn_backend!r}, not 'sdpa'"
+    if not torch_varlen_usable(device, dtype, llm.kv_heads != llm.n_heads):
+        return "", (f"packed rows do not run on torch's varlen kernel here ({device}, {dtype}, "
+                    f"torch {torch.__version__})")
+    capability = torch.cuda.get_device_capability(device)
+    if capability not in AUTO_FA4_CAPABILITIES:
+        return "", (f"the GPU's compute capability is {capability[0]}.{capability[1]}; FA4 was "
+                    "measured on Hopper (9.0) only: set 'FA4' to use it here")
+    if "FA4" not in available_impls():
+        return "", f"this torch ({torch.__version__}) has no FA4 in its flash registry"
+    missing = fa4_importable()
+    if missing:
+        return "", missing
+    return "FA4", f"flash-attn-4 imports and the GPU is compute capability {capability[0]}.{capability[1]}"
+
+
 def activate(impl: str, attn_backend: str, llm, device: torch.device, dtype: torch.dtype,
-             check=startup_check) -> None:
+             check=startup_check) -> str:
     """The trainer's one call, before the model is built: activate `impl` ("" = torch's own
-    flash kernel, nothing to do) and check it. Raises ValueError for a configuration it cannot
-    apply and RuntimeError when torch cannot activate it or the check fails."""
-    if not impl:
-        return
+    flash kernel, nothing to do; "auto" = `resolve_auto`'s choice, logged) and check it. Returns
+    the implementation now active ("" for torch's own). Raises ValueError for a configuration it
+    cannot apply and RuntimeError when torch cannot activate it or the check fails (also where
+    "auto" chose it: a failing kernel is never replaced silently)."""
     key = f"model.flash_attention_impl {impl!r}"
+    if impl == "auto":
+        impl, why = resolve_auto(attn_backend, llm, device, dtype)
+        logger.info("%s: %s (%s)", key, impl or "torch's own flash kernel", why)
+        key = f"{key} (chose {impl!r})"
+    if not impl:
+        return ""
     if attn_backend != "sdpa":
         raise ValueError(f"{key} applies to model.attn_backend 'sdpa' (torch's varlen kernel), "
                          f"not {attn_backend!r}")
@@ -159,3 +203,4 @@ def activate(impl: str, attn_backend: str, llm, device: torch.device, dtype: tor
                 f"flash-attention 4's kernels ({ran}): torch's own kernel would run instead")
     logger.info("%s active; start-up check against fp32 SDPA passed (max relative differences: "
                 "%s)", key, ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    return impl
