@@ -21,6 +21,8 @@
 # PLAN=round8: flash-attention 4 for stage 1 where installed, the allocator's expandable segments
 # against its defaults, stage 2's profile at the full depth, and what round 7 left (see the plan's
 # comment).
+# PLAN=round9: after round 8: the profiles with FA4, the same-call before/afters still missing (see
+# the plan's comment).
 # PLAN=round3s2: stage 2 (8 layers, compiled) packed vs not. PLAN=round3h200: stage 2 at full depth
 # (7B fp32 master weights + AdamW state ~108 GB: needs an H200, kind nvidia-h200).
 set -uo pipefail
@@ -280,6 +282,35 @@ round8)  # after round 7, in order of priority for the 2x targets (a call rarely
   run s1_8k_eager 120 $S1 $P1_8K
   run s1_repl_nopack 120 --stage 1 --steps ${STEPS:-6} --local-batch-size 4 --no-packing --ac none --compile --parallelism.replicate_frozen true
   run s2_sacop_foreach 150 $S2 --ac selective --optimizer.implementation foreach
+  ;;
+round9)  # after round 8 (flash-attention 4 shipped as "auto"; op_all_mm slower at the full depth), in
+  # order of priority; every run asks for "auto" (FA4 where .fa4 is installed, else torch's kernel):
+  # 1. the profiles of the shipped configs with FA4: stage 1 (what is left once attention shrank),
+  #    stage 2 at the full depth (its LLM blocks are FSDP units: do they get round 6's slow RoPE?);
+  # 2. same-call before/afters still measured only across calls: stage 1's compile (at 8192-token
+  #    rows: eager at 16384 needs ~78 GiB) and fused vs foreach AdamW (stage 2, 8 layers);
+  # 3. stage 2 at the full depth with the last 20 LLM blocks without AC (~+0.84 GiB each over "op").
+  AUTO="--model.flash_attention_impl auto"
+  if python -c "import flash_attn.cute.interface" >"$OUT/fa4_import.log" 2>&1; then
+    export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1  # one FA4 compile serves every process
+    export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FA4_CACHE_DIR:-/tmp/fa4_cute_cache}
+  else
+    echo "flash-attention 4 not importable: \"auto\" runs torch's kernel (benchmarks/fa4_site.sh):" | log
+    tail -n 3 "$OUT/fa4_import.log" | log
+  fi
+  P1="--local-batch-size 1 --data.packing_row_len 16384 --ac none --compile --parallelism.replicate_frozen true $AUTO"
+  S2F="--stage 2 --grad-accum 1 --steps ${STEPS:-4} --compile --local-batch-size 1 --data.packing_row_len 8192 --sgd-standin $AUTO"
+  S2="--stage 2 --llm-layers 8 --grad-accum 2 --steps ${STEPS:-6} --compile --local-batch-size 1 --data.packing_row_len 8192 $AUTO"
+  run s1_auto 150 --stage 1 --steps ${STEPS:-6} $P1
+  run s1_auto_prof 100 --stage 1 --steps 2 $P1 --profile "$OUT/prof_s1a"
+  run s2_full_sgd_sacop_auto_prof 200 $S2F --steps 2 --ac selective --profile "$OUT/prof_s2fa"
+  P1_8K="--local-batch-size 1 --data.packing_row_len 8192 --ac none --parallelism.replicate_frozen true $AUTO"
+  run s1_8k_auto 100 --stage 1 --steps ${STEPS:-6} $P1_8K --compile
+  run s1_8k_auto_eager 120 --stage 1 --steps ${STEPS:-6} $P1_8K
+  run s2_sacop_auto 150 $S2 --ac selective
+  run s2_sacop_auto_foreach 150 $S2 --ac selective --optimizer.implementation foreach
+  run s2_full_sgd_sacop_auto 230 $S2F --ac selective
+  run s2_full_sgd_sacop_auto_noac20 230 $S2F --ac selective --activation_checkpoint.llm_layers_without_ac 20
   ;;
 probe)  # only the deferred-step-check probe (seconds)
   defer_probe 60

@@ -543,7 +543,8 @@ def test_sgd_standin_follows_the_lr_schedule():
         sgd_standin(SimpleNamespace(cfg=load_config(["--checkpoint.enable"])))
 
 
-def test_gpu_session_wrapper_returns_the_summary_and_the_logs(tmp_path):
+@pytest.mark.parametrize("plan, run", [("round8", "s1_8k_eager"), ("round9", "s1_8k_auto_eager")])
+def test_gpu_session_wrapper_returns_the_summary_and_the_logs(tmp_path, plan, run):
     """benchmarks/gpu_session.sh (the device call's wrapper) on the CPU with the debug flavor and
     one short run of the plan: its figures reach summary.txt, and every log comes back in
     logs.tgz under OUT (what a device call returns)."""
@@ -551,8 +552,8 @@ def test_gpu_session_wrapper_returns_the_summary_and_the_logs(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "PLAN": "round8", "FLAVOR": "debug", "STEPS": "1",
-           "BUDGET_S": "300", "ONLY": "s1_8k_eager", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OUT": str(out), "PLAN": plan, "FLAVOR": "debug", "STEPS": "1",
+           "BUDGET_S": "300", "ONLY": run, "OMP_NUM_THREADS": "1",
            # A checkout without the carried folders: the wrapper says so and goes on.
            "PYTHONPATH": ROOT}
     env.pop("RANK", None)
@@ -561,7 +562,7 @@ def test_gpu_session_wrapper_returns_the_summary_and_the_logs(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "gpu_session: plan exited 0; returned: logs.tgz summary.txt" in proc.stdout
     summary = (out / "summary.txt").read_text()
-    assert "== s1_8k_eager" in summary and "samples/s/GPU:" in summary, summary
+    assert f"== {run} " in summary and "samples/s/GPU:" in summary, summary
     with tarfile.open(out / "logs.tgz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-    assert {"summary.txt", "s1_8k_eager.log"} <= names, names
+    assert {"summary.txt", f"{run}.log"} <= names, names

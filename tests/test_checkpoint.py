@@ -351,15 +351,15 @@ def test_a_step_folder_is_unmarked_before_it_is_deleted(tmp_path, monkeypatch):
     """Deleting a step folder takes its completion marker first: a kill in the middle of the
     deletion (rmtree goes in directory order, shards first on ext4) never leaves a folder that
     looks complete without its shards."""
-    from titan_llava import checkpoint as checkpoint_mod
+    from titan_llava import checkpoint_io
 
     folder = tmp_path / "checkpoint" / "step-6"
     folder.mkdir(parents=True)
     for name in ("__0_0.distcp", ".metadata", COMPLETE_MARKER):
         (folder / name).write_text("x")
     assert complete_steps(str(tmp_path / "checkpoint")) == ([6], [])
-    monkeypatch.setattr(checkpoint_mod.shutil, "rmtree", lambda *a, **k: None)  # killed before it ran
-    checkpoint_mod._discard_step_dir(str(folder))
+    monkeypatch.setattr(checkpoint_io.shutil, "rmtree", lambda *a, **k: None)  # killed before it ran
+    checkpoint_io.discard_step_dir(str(folder))
     assert complete_steps(str(tmp_path / "checkpoint"))[0] == []
 
 

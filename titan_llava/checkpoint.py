@@ -27,13 +27,18 @@ from torch.distributed.checkpoint.state_dict import (
 from titan_llava.checkpoint_io import (
     COMPLETE_MARKER,
     TensorOnlyLoadPlanner,
+    alloc_like,
     blob_to_json,
+    bytes_to_blob,
     complete_steps,
+    discard_step_dir,
     json_to_blob,
+    load_plain,
     maybe_crash,
     maybe_sigterm,
     read_metadata,
     resolve_step_dir,
+    safe_reader,
     step_dir_name,
     tmp_dir_name,
 )
@@ -68,27 +73,6 @@ def install_early_sigterm_handler() -> None:
 def _barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    """Model weights only from a DCP step folder (or the newest complete one under a checkpoint
-    folder): stage 1 -> stage 2. The folder must hold every parameter of `model`."""
-    step_dir = resolve_step_dir(path, "checkpoint.initial_load_path")
-    msd = get_model_state_dict(model)
-    dcp.load(
-        {"model": msd},
-        storage_reader=_reader(step_dir, "checkpoint.initial_load_path"),
-        planner=TensorOnlyLoadPlanner(),
-    )
-    set_model_state_dict(model, msd)
-    logger.info(f"model weights loaded from {step_dir}")
-
-
-def _reader(step_dir: str, key: str):
-    read_metadata(step_dir, key)  # validates the metadata with the restricted unpickler first
-    from titan_llava.checkpoint_io import SafeFileSystemReader
-
-    return SafeFileSystemReader(step_dir)
 
 
 class CheckpointManager:
@@ -173,7 +157,7 @@ class CheckpointManager:
         if for_save:
             dl = self.data_loader.state_dict()
             sd["dataloader"] = {
-                k: (json_to_blob_raw(v) if isinstance(v, bytes) else torch.tensor(v))
+                k: (bytes_to_blob(v) if isinstance(v, bytes) else torch.tensor(v))
                 for k, v in dl.items()
             }
             sd["train_state"].update(self._rank_entries())
@@ -256,7 +240,7 @@ class CheckpointManager:
                 os.fsync(f.fileno())
             maybe_crash("before_rename", step, self.rank)
             if os.path.exists(final):  # an older save of the same step (e.g. after a resume)
-                _discard_step_dir(final)
+                discard_step_dir(final)
             os.rename(tmp, final)
             logger.info(f"checkpoint saved: {final}")
             self._prune()
@@ -266,11 +250,11 @@ class CheckpointManager:
     def _prune(self) -> None:
         steps, incomplete = complete_steps(self.folder)
         for name in incomplete:  # leftovers of crashed saves (nothing is in flight here)
-            _discard_step_dir(os.path.join(self.folder, name))
+            discard_step_dir(os.path.join(self.folder, name))
         k = self.ck.keep_latest_k
         if k > 0:
             for old in steps[:-k]:
-                _discard_step_dir(os.path.join(self.folder, step_dir_name(old)))
+                discard_step_dir(os.path.join(self.folder, step_dir_name(old)))
 
     def finish(self) -> None:
         """End of a run (all ranks): wait for and publish an in-flight asynchronous save."""
@@ -303,7 +287,7 @@ class CheckpointManager:
         """Restore a step folder into this run. data=False restores everything but the data
         loader (whose per-rank state cannot move to another data-parallel degree)."""
         meta = read_metadata(step_dir, key).state_dict_metadata
-        saved_dp = int(_load_plain(step_dir, "dataloader.dp_world_size", meta, key))
+        saved_dp = int(load_plain(step_dir, "dataloader.dp_world_size", meta, key))
         dp = self.data_loader.dp_world_size
         if data and saved_dp != dp:
             raise ValueError(
@@ -315,13 +299,13 @@ class CheckpointManager:
             )
         sd = self._state_dict(for_save=False)
         rank_key = f"dataloader.dp_rank_{self.data_loader.dp_rank}"
-        sd["dataloader"] = {rank_key.split(".", 1)[1]: _alloc(meta, rank_key)} if data else {}
-        sd["optimizer"]["param_groups"] = _alloc(meta, "optimizer.param_groups")
-        sd["lr_scheduler"] = _alloc(meta, "lr_scheduler")
+        sd["dataloader"] = {rank_key.split(".", 1)[1]: alloc_like(meta, rank_key)} if data else {}
+        sd["optimizer"]["param_groups"] = alloc_like(meta, "optimizer.param_groups")
+        sd["lr_scheduler"] = alloc_like(meta, "lr_scheduler")
         sd["train_state"]["step"] = torch.zeros((), dtype=torch.int64)
         rng_keys = [k for k in self._rank_entries() if f"train_state.{k}" in meta]
         for k in rng_keys:
-            sd["train_state"][k] = _alloc(meta, f"train_state.{k}")
+            sd["train_state"][k] = alloc_like(meta, f"train_state.{k}")
         have = {
             fqn for fqn, st in sd["optimizer"]["state"].items()
             if all(f"optimizer.state.{fqn}.{name}" in meta for name in st)
@@ -340,7 +324,7 @@ class CheckpointManager:
         # under image_aspect_ratio pad/resize): AdamW left it stateless, and so does the resume.
         for fqn in [f for f in sd["optimizer"]["state"] if f not in have]:
             del sd["optimizer"]["state"][fqn]
-        dcp.load(sd, storage_reader=_reader(step_dir, key), planner=TensorOnlyLoadPlanner())
+        dcp.load(sd, storage_reader=safe_reader(step_dir, key), planner=TensorOnlyLoadPlanner())
 
         set_model_state_dict(self.model, sd["model"])
         fresh = get_optimizer_state_dict(self.model, self.optimizer)
@@ -406,35 +390,3 @@ class CheckpointManager:
             elif k.endswith(".python_rng"):
                 state = blob_to_json(ts[k])["python"]
                 random.setstate((state[0], tuple(state[1]), state[2]))
-
-
-def _discard_step_dir(path: str) -> None:
-    """Delete a step folder so that no crash midway leaves it looking complete: the marker goes
-    first (rmtree deletes in directory order, shards before .complete/.metadata on ext4)."""
-    marker = os.path.join(path, COMPLETE_MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def json_to_blob_raw(b: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()
-
-
-def _alloc(meta: dict, fqn: str) -> torch.Tensor:
-    """An empty tensor shaped like the saved entry `fqn` (per-rank blobs differ in length)."""
-    m = meta[fqn]
-    return torch.empty(tuple(m.size), dtype=m.properties.dtype)
-
-
-def _load_plain(step_dir: str, fqn: str, meta: dict, key: str) -> torch.Tensor:
-    if fqn not in meta:
-        raise ValueError(f"{key}: {step_dir} is not a full titan_llava checkpoint (no {fqn!r})")
-    t = _alloc(meta, fqn)
-    dcp.load(
-        {fqn: t},
-        storage_reader=_reader(step_dir, key),
-        planner=TensorOnlyLoadPlanner(),
-        no_dist=True,
-    )
-    return t

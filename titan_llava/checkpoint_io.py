@@ -1,27 +1,33 @@
 """Checkpoint folder layout and safe reading: step-N / .step-N.tmp names, the completion marker,
 JSON blobs stored as uint8 tensors, a DCP reader whose metadata unpickler only admits DCP's own
-classes, a planner that refuses pickled (non-tensor) entries, and the test fault hooks."""
+classes, a planner that refuses pickled (non-tensor) entries, model-weights-only loading, step
+folder deletion that unmarks first, and the test fault hooks."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 COMPLETE_MARKER = ".complete"
 METADATA_FILE = ".metadata"
 FAULT_ENV = "TITAN_LLAVA_FAULT"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_RE = re.compile(r"^\.step-(\d+)\.tmp$")
+logger = logging.getLogger("titan_llava")
 
 
 def step_dir_name(step: int) -> str:
@@ -159,6 +165,61 @@ class TensorOnlyLoadPlanner(DefaultLoadPlanner):
         raise ValueError(
             f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object, not a tensor: refused"
         )
+
+
+# ----- reading and discarding step folders -----
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
+    """Model weights only from a DCP step folder (or the newest complete one under a checkpoint
+    folder): stage 1 -> stage 2. The folder must hold every parameter of `model`."""
+    step_dir = resolve_step_dir(path, "checkpoint.initial_load_path")
+    msd = get_model_state_dict(model)
+    dcp.load(
+        {"model": msd},
+        storage_reader=safe_reader(step_dir, "checkpoint.initial_load_path"),
+        planner=TensorOnlyLoadPlanner(),
+    )
+    set_model_state_dict(model, msd)
+    logger.info(f"model weights loaded from {step_dir}")
+
+
+def safe_reader(step_dir: str, key: str) -> SafeFileSystemReader:
+    """A DCP reader for `step_dir`, its metadata first validated by the restricted unpickler."""
+    read_metadata(step_dir, key)
+    return SafeFileSystemReader(step_dir)
+
+
+def discard_step_dir(path: str) -> None:
+    """Delete a step folder so that no crash midway leaves it looking complete: the marker goes
+    first (rmtree deletes in directory order, shards before .complete/.metadata on ext4)."""
+    marker = os.path.join(path, COMPLETE_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def bytes_to_blob(b: bytes) -> torch.Tensor:
+    """Raw bytes (a data-loader state entry) as a uint8 tensor, as json_to_blob stores JSON."""
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()
+
+
+def alloc_like(meta: dict, fqn: str) -> torch.Tensor:
+    """An empty tensor shaped like the saved entry `fqn` (per-rank blobs differ in length)."""
+    m = meta[fqn]
+    return torch.empty(tuple(m.size), dtype=m.properties.dtype)
+
+
+def load_plain(step_dir: str, fqn: str, meta: dict, key: str) -> torch.Tensor:
+    """One entry of a full checkpoint, read without a process group (e.g. before set-up)."""
+    if fqn not in meta:
+        raise ValueError(f"{key}: {step_dir} is not a full titan_llava checkpoint (no {fqn!r})")
+    t = alloc_like(meta, fqn)
+    dcp.load(
+        {fqn: t},
+        storage_reader=safe_reader(step_dir, key),
+        planner=TensorOnlyLoadPlanner(),
+        no_dist=True,
+    )
+    return t
 
 
 # ----- fault injection for tests: TITAN_LLAVA_FAULT="point@step[@rank],..." -----

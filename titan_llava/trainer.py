@@ -14,13 +14,8 @@ import torch
 import torch.distributed as dist
 
 from titan_llava.architecture import hf_dirs, resolve_model_args, save_run_config
-from titan_llava.checkpoint import (
-    PREEMPTED_EXIT_CODE,
-    TERMINATED_EXIT_CODE,
-    CheckpointManager,
-    load_model_weights,
-)
-from titan_llava.checkpoint_io import fault_point, maybe_crash, maybe_sigterm
+from titan_llava.checkpoint import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE, CheckpointManager
+from titan_llava.checkpoint_io import fault_point, load_model_weights, maybe_crash, maybe_sigterm
 from titan_llava.config import JobConfig
 from titan_llava.config_validate import validate_against_architecture
 from titan_llava.data.batch import Batch
