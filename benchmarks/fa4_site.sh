@@ -21,8 +21,9 @@
 # Versions: flash-attn-4 4.0.0b36 (2026-10-21) has the Hopper (SM90) forward and backward;
 # titan_llava/models/fa4_compat.py calls it (torch 2.11's own FA4 glue cannot run packed rows).
 # Checked on the CPU machine: with torch 2.11+cu130 and these versions (their CPython 3.11
-# builds), flash_attn.cute.interface imports and fa4_compat's kernels register. Not yet run on a
-# GPU. CUTLASS_FLAVOR=cu12 builds for a CUDA 12 driver instead.
+# builds), flash_attn.cute.interface imports and fa4_compat's kernels register. Run on an H100
+# (torch 2.11.0+cu130) in round 8 (benchmarks/README.md); the build took ~3 minutes there (session
+# 14). CUTLASS_FLAVOR=cu12 builds for a CUDA 12 driver instead.
 set -euo pipefail
 mode=${1:-}
 dir=${2:-.fa4}

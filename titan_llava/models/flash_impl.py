@@ -1,6 +1,6 @@
 """An opt-in flash-attention implementation from torch's registry for the LLM's packed rows.
 
-`model.flash_attention_impl = "FA3"` (or "FA4") asks torch (>= 2.11,
+`model.flash_attention_impl = "FA3"` (or "FA4"; "auto" picks FA4 where it applies) asks torch (>= 2.11,
 `torch.nn.attention.activate_flash_attention_impl`) to route `aten._flash_attention_forward` /
 `_flash_attention_backward` on CUDA to that implementation. Those two ops are what torch's varlen
 kernel, the sdpa backend's route for packed rows, calls, so the model is unchanged. The kernels
@@ -12,8 +12,8 @@ placeholders, not these. FA4 runs through this project's kernels for torch's fla
 (`fa4_compat`; torch 2.11's own FA4 glue fails every packed-row backward), and the start-up check
 also proves that they ran.
 
-torch marks this registry a prototype, and its kernels have not run in this project (no GPU
-session had the packages; benchmarks/README.md, session 9). So the trainer first checks the route
+torch marks this registry a prototype, and FA4 is a pre-release (measured on one H100 with
+flash-attn-4 4.0.0b36: benchmarks/README.md, round 8). So the trainer first checks the route
 once at a small size (`startup_check`), forward and backward, against each document alone through
 fp32 SDPA on the CPU (the check that caught cuDNN's wrong ragged gradients in round 7), and stops
 before building the model if it is off.
