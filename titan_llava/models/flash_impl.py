@@ -1,7 +1,7 @@
 """An opt-in flash-attention implementation from torch's registry for the LLM's packed rows.
 
-`model.flash_attention_impl = "FA3"` (or "FA4"; "auto" picks FA4 where it applies) asks torch (>= 2.11,
-`torch.nn.attention.activate_flash_attention_impl`) to route `aten._flash_attention_forward` /
+`model.flash_attention_impl = "FA3"` (or "FA4"; "auto" picks FA4 where it applies) asks torch
+(>= 2.11, `torch.nn.attention.activate_flash_attention_impl`) to route `aten._flash_attention_forward` /
 `_flash_attention_backward` on CUDA to that implementation. Those two ops are what torch's varlen
 kernel, the sdpa backend's route for packed rows, calls, so the model is unchanged. The kernels
 come from a package torch does not ship: FA3 from flash-attention's Hopper build (module
@@ -138,7 +138,8 @@ def fa4_importable() -> str:
     return ""
 
 
-def resolve_auto(attn_backend: str, llm, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def resolve_auto(attn_backend: str, llm, device: torch.device,
+                 dtype: torch.dtype) -> tuple[str, str]:
     """What "auto" means here: ("FA4", why) where it can apply and was measured to pay (the
     sdpa backend's packed rows on torch's varlen kernel, a Hopper GPU, torch's flash registry
     and flash-attn-4 importable), else ("", why not): torch's own flash kernel."""
@@ -156,7 +157,8 @@ def resolve_auto(attn_backend: str, llm, device: torch.device, dtype: torch.dtyp
     missing = fa4_importable()
     if missing:
         return "", missing
-    return "FA4", f"flash-attn-4 imports and the GPU is compute capability {capability[0]}.{capability[1]}"
+    major, minor = capability
+    return "FA4", f"flash-attn-4 imports and the GPU is compute capability {major}.{minor}"
 
 
 def activate(impl: str, attn_backend: str, llm, device: torch.device, dtype: torch.dtype,
