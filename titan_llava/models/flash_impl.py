@@ -1,8 +1,8 @@
 """An opt-in flash-attention implementation from torch's registry for the LLM's packed rows.
 
 `model.flash_attention_impl = "FA3"` (or "FA4"; "auto" picks FA4 where it applies) asks torch
-(>= 2.11, `torch.nn.attention.activate_flash_attention_impl`) to route `aten._flash_attention_forward` /
-`_flash_attention_backward` on CUDA to that implementation. Those two ops are what torch's varlen
+(>= 2.11, `torch.nn.attention.activate_flash_attention_impl`) to route
+`aten._flash_attention_forward` / `_flash_attention_backward` on CUDA to that implementation. Those two ops are what torch's varlen
 kernel, the sdpa backend's route for packed rows, calls, so the model is unchanged. The kernels
 come from a package torch does not ship: FA3 from flash-attention's Hopper build (module
 `flash_attn_interface`, ops `torch.ops.flash_attn_3`, no wheel on PyPI), FA4 from PyPI's
