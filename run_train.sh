@@ -3,7 +3,8 @@
 #   NGPU=8 CONFIG_FILE=train_configs/llava_next_vicuna7b_pretrain.toml ./run_train.sh [--section.key value ...]
 # Extra arguments are passed through as config overrides.
 # Multi-node: NNODES=N RDZV_ENDPOINT=host:port [RDZV_ID=job-id] on every node (c10d rendezvous).
-# Exit status: 0 done, 2 config/input error, 75 preempted by SIGTERM after saving a checkpoint (run
+# Exit status: 0 done, 2 config/input error, 3 a non-finite loss or gradient norm (the step was not
+# applied; see docs/checkpointing.md before resuming), 75 preempted by SIGTERM after saving a checkpoint (run
 # the same command to resume), 143 stopped by SIGTERM with checkpointing off (nothing saved),
 # anything else a failure. SIGTERM/SIGINT sent to this script are
 # forwarded to torchrun, which forwards them to the workers.

@@ -15,13 +15,17 @@ from titan_llava.checkpoint import (
     SetupPreempted,
     install_early_sigterm_handler,
 )
-from titan_llava.checkpoint_io import maybe_crash, maybe_sigterm
-from titan_llava.config import load_config
+from titan_llava.checkpoint_io import complete_steps, maybe_crash, maybe_sigterm, step_dir_name
+from titan_llava.config import JobConfig, load_config
 from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.launcher_watch import watch_launcher
+from titan_llava.step_check import NonFiniteError
 from titan_llava.trainer import Trainer
 
 EXIT_CONFIG_ERROR = 2
+# A step's loss or gradient norm was not finite: the step was not applied and the run stopped.
+# Not "try again": an exact resume replays the same batches (requeueing would fail the same way).
+EXIT_NON_FINITE = 3
 USAGE = """usage: python -m titan_llava.train [--job.config_file FILE.toml] [--section.key value ...]
        NGPU=8 CONFIG_FILE=FILE.toml ./run_train.sh [--section.key value ...]   (torchrun)
 
@@ -29,8 +33,9 @@ Settings come from the defaults, then the TOML file, then the command line (--da
 4096, --training.trainable projector,llm; a bool key alone means true). Every key, with its
 default and meaning, is documented in titan_llava/config.py; README.md's Configuration table
 lists the most used. Exit status: 0 done, 2 a set-up error (one line naming the key, file or
-sample), 75 preempted after saving a checkpoint (run the same command to resume), 143 stopped
-by SIGTERM with checkpointing off."""
+sample), 3 a non-finite loss or gradient norm (the step was not applied; the message names the
+newest checkpoint), 75 preempted after saving a checkpoint (run the same command to resume),
+143 stopped by SIGTERM with checkpointing off."""
 
 
 @record  # under torchrun: the failing rank's traceback goes into torchrun's failure summary
@@ -38,11 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint;
     143 (TERMINATED_EXIT_CODE) stopped by SIGTERM with checkpointing off (nothing saved);
     2 a configuration or input error found during set-up (the message
-    names the key, file or sample); anything else is a crash with its traceback."""
+    names the key, file or sample); 3 (EXIT_NON_FINITE) a step's loss or gradient norm was not
+    finite; anything else is a crash with its traceback."""
     if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
         print(USAGE)
         return 0
-    trainer, finished, cfg = None, False, None
+    trainer, finished, cfg, diverged = None, False, None, None
     install_early_sigterm_handler()
     watch_launcher()  # under torchrun: a SIGKILLed torchrun stops its workers as SIGTERM does
     try:
@@ -64,22 +70,43 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             _report_status(status)
             return status
-        status = trainer.train()
-        finished = True
+        try:
+            status = trainer.train()
+            finished = True
+        except NonFiniteError as e:  # raised on every rank alike (the numbers are reduced)
+            diverged = e
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.close()  # finishes an in-flight checkpoint first
         # Only a run that ended normally on every rank can meet at a barrier.
         destroy_distributed(barrier=finished)
+    if diverged is not None:
+        message = f"{diverged}. {_newest_checkpoint_hint(cfg)}"
+        print(f"titan_llava.train: error: {message}", file=sys.stderr)
+        _report_status(EXIT_NON_FINITE, f"error: {message}")
+        return EXIT_NON_FINITE
     _report_status(status)
     # Test hook (TITAN_LLAVA_FAULT=exit@0[@rank]): a worker killed after the run completed.
     maybe_crash("exit", 0, int(os.environ.get("RANK", "0")))
     return status
 
 
+def _newest_checkpoint_hint(cfg: JobConfig) -> str:
+    """Where a stopped run stands: the newest complete checkpoint, and why resuming it unchanged
+    fails the same way."""
+    folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
+    steps, _ = complete_steps(folder) if cfg.checkpoint.enable else ([], [])
+    if not steps:
+        return "No checkpoint of this run exists (a rerun starts over)"
+    return (f"The newest complete checkpoint is {os.path.join(folder, step_dir_name(steps[-1]))}; "
+            "resuming it unchanged replays the same batches (exact resume) and likely fails the "
+            "same way: see docs/checkpointing.md, 'A non-finite step'")
+
+
 def _report_status(status: int, message: str | None = None) -> None:
     """torchrun turns any non-zero worker exit into 1; run_train.sh reads the real status (75 =
-    preempted, checkpoint saved; 143 = SIGTERM with checkpointing off; 2 = config error) from the
+    preempted, checkpoint saved; 143 = SIGTERM with checkpointing off; 2 = config error; 3 = a
+    non-finite step) from the
     first line of the file it names in TITAN_LLAVA_STATUS_FILE, and prints the rest (the error
     message) itself. Every rank writes it
     (they agree), because torchrun may stop the other ranks as soon as the first one exits: rank 0,

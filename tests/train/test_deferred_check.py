@@ -81,6 +81,25 @@ def test_non_finite_step_is_never_applied(tmp_path):
         assert r["final_equals_start_of"] == list(range(3, read_during + 1)), r
 
 
+def test_a_non_finite_step_exits_3_naming_the_newest_checkpoint(tmp_path):
+    """What the user sees: status 3 (not a crash's 1, not the requeue status 75) and one error
+    line with the step and the newest complete checkpoint, no traceback. An asynchronous save in
+    flight is finished first. With checkpointing off the line says a rerun starts over."""
+    dump = str(tmp_path / "ck")
+    p = train(dump, *FUSED, *BASE, "--checkpoint.enable", "true", "--checkpoint.interval", "2",
+              "--metrics.log_freq", "5", fault="nan_loss@3")  # fmt: skip
+    ok(p, 3)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("titan_llava.train: error: ")]
+    assert len(errors) == 1, p.stderr[-4000:]
+    assert "step 3: non-finite loss" in errors[0], errors
+    assert f"The newest complete checkpoint is {os.path.join(ckpt(dump), 'step-2')};" in errors[0]
+    assert "Traceback" not in p.stderr, p.stderr[-4000:]
+    assert complete_steps(ckpt(dump)) == ([2], [])
+    p = train(str(tmp_path / "off"), *FUSED, *BASE, "--metrics.log_freq", "5", fault="nan_loss@3")
+    ok(p, 3)
+    assert "No checkpoint of this run exists (a rerun starts over)" in p.stderr, p.stderr[-4000:]
+
+
 def test_sigterm_and_exact_resume_with_deferred_reads(tmp_path):
     run = [*FUSED, "--training.steps", "8", "--training.local_batch_size", "1",
            "--training.global_batch_size", "3", "--data.max_seq_len", "2048",

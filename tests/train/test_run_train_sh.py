@@ -1,6 +1,7 @@
 """run_train.sh hands the trainer's exit status to the caller (torchrun itself reports any worker
 failure as 1): 75 after a SIGTERM-triggered checkpoint, whether the signal reaches the workers or
-the script; 2 for a config error; 0 for a completed run whose worker died while exiting."""
+the script; 2 for a config error; 3 for a non-finite step; 0 for a completed run whose worker died
+while exiting."""
 
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ def test_config_error_exits_2(tmp_path):
     # as rank 1 exits, before rank 0 has printed it.
     line = next((l for l in out.splitlines() if l.startswith("run_train.sh: ")), "")
     assert "exited with status 2" in line and "training.no_such_key" in line, out[-3000:]
+
+
+def test_a_non_finite_step_exits_3(tmp_path):
+    """A NaN on rank 1 stops both ranks; the script exits 3 (not torchrun's 1) and repeats the
+    trainer's line."""
+    proc = _launch(str(tmp_path / "run"), "--training.steps", "6", "--checkpoint.enable", "false",
+                   env={"TITAN_LLAVA_FAULT": "nan_loss@3@1"})
+    out, _ = proc.communicate(timeout=200)
+    assert proc.returncode == 3, out[-3000:]
+    line = next((l for l in out.splitlines() if l.startswith("run_train.sh: ")), "")
+    assert "exited with status 3: error: step 3: non-finite loss" in line, out[-3000:]
 
 
 def test_a_worker_dying_after_the_run_completed_exits_0(tmp_path):
