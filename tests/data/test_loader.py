@@ -478,3 +478,23 @@ def test_grouped_packing_state_saved_before_megabatch_shares_resumes_with_the_ol
     rit = iter(resumed)
     for batch in expected:
         assert_batches_equal(next(rit), batch)
+
+
+def test_a_refused_legacy_state_leaves_the_loader_as_it_was() -> None:
+    """A state from before megabatch shares whose settings also differ is refused, and the
+    refusal changes nothing: the loader keeps its own dealing and fingerprint (a caller that
+    catches the error and goes on from the start gets this run's order)."""
+    opts = dict(packing=True, group_by_modality_length=True, global_batch_size=4, modality_megabatch=4,
+                dp_rank=1, dp_world_size=2, shuffle=True)
+    state = make_loader(**opts).state_dict()
+    entry = json.loads(state["dp_rank_1"])
+    for key in ("megabatch_share", "rows_per_step", "sample_ids_digest", "modality_lengths_digest"):
+        entry["fingerprint"].pop(key)
+    entry["fingerprint"]["seed"] = entry["fingerprint"]["seed"] + 1  # a changed setting too
+    state = {**state, "dp_rank_1": json.dumps(entry).encode()}
+    loader = make_loader(**opts)
+    fingerprint, batch_size = dict(loader.fingerprint), loader._packer.sampler.batch_size
+    with pytest.raises(ValueError, match="seed: saved"):
+        loader.load_state_dict(state)
+    assert loader.fingerprint == fingerprint and loader._packer.sampler.batch_size == batch_size
+    assert batch_size != 1

@@ -129,24 +129,20 @@ class LlavaDataLoader:
         if saved.get("packing") and "packing_lookahead" not in saved:
             # Saved before these settings existed: that packer was greedy in max_seq_len rows.
             saved = {**saved, "packing_lookahead": 1, "packing_row_len": saved.get("max_seq_len")}
-        if saved.get("modality_megabatch") and self.fingerprint.get("modality_megabatch") and (
+        # Saved before each rank took a contiguous share of a packed megabatch: that sampler dealt
+        # it one sample at a time. Such a run keeps that order (the only one its saved position
+        # refers to) instead of being refused; applied below, once every check has passed.
+        legacy = saved.get("modality_megabatch") and self.fingerprint.get("modality_megabatch") and (
             "megabatch_share" not in saved
-        ):
-            # Saved before each rank took a contiguous share of a packed megabatch: that sampler
-            # dealt it one sample at a time. Keep that order for the rest of this run (it is the
-            # only order its saved position refers to) instead of refusing a run in flight.
-            sampler = self._packer.sampler
-            sampler.batch_size, sampler._indices, sampler._indices_epoch = 1, None, -1
-            legacy = {"megabatch_share": None, "rows_per_step": None}
-            self.fingerprint = {**self.fingerprint, **legacy}
-            saved = {**saved, **legacy}
-            logger.warning(
-                "the dataloader state was saved before packed modality grouping gave each rank a "
-                "contiguous share of a megabatch: this run keeps dealing it one sample at a time"
-            )
+        )
+        fingerprint = self.fingerprint
+        if legacy:
+            old_dealing = {"megabatch_share": None, "rows_per_step": None}
+            fingerprint = {**fingerprint, **old_dealing}
+            saved = {**saved, **old_dealing}
         changed = {
             k: (saved.get(k), v)
-            for k, v in self.fingerprint.items()
+            for k, v in fingerprint.items()
             if saved.get(k) != v and not (k.endswith("_digest") and k not in saved)  # older saves
         }
         if changed:
@@ -157,6 +153,14 @@ class LlavaDataLoader:
             )
         if self._iter is not None:
             raise RuntimeError("load_state_dict must be called before iterating the loader")
+        if legacy:
+            sampler = self._packer.sampler
+            sampler.batch_size, sampler._indices, sampler._indices_epoch = 1, None, -1
+            self.fingerprint = fingerprint
+            logger.warning(
+                "the dataloader state was saved before packed modality grouping gave each rank a "
+                "contiguous share of a megabatch: this run keeps dealing it one sample at a time"
+            )
         self._state = state
 
     def close(self) -> None:
