@@ -12,7 +12,8 @@ N tokens, beside the bf16 weights: what decides whether stage 1 can drop AC on o
     python benchmarks/activation_memory.py [--tokens 512] [--micro-batch-tokens 8192 16384]
 
 `--ac-policies` also measures a trainable block under each activation-checkpointing policy the
-trainer offers (none, full, selective "op" and "op_all_mm"; eager): what stays alive after its
+trainer offers (none, full, selective "op" and "op_all_mm"; eager, and with `--compile` also
+compiled: what the compiled forward saves, the block input included): what stays alive after its
 forward (autograd's saved tensors, the selective policy's cache of op outputs, the checkpoint's
 saved input), by storages traced through a dispatch mode and checked alive by weak reference;
 the block's input and output and the parameters excluded. The no-AC figure is the same quantity
@@ -108,8 +109,12 @@ def retained_bytes(block: nn.Module, tokens: int, dtype: torch.dtype) -> int:
     return alive
 
 
-def ac_policy_bytes(args, tokens: int, dtype: torch.dtype) -> dict[str, int]:
-    """retained_bytes of a trainable block under each policy (fresh block per policy)."""
+def ac_policy_bytes(args, tokens: int, dtype: torch.dtype, compiled: bool = False) -> dict[str, int]:
+    """retained_bytes of a trainable block under each policy (fresh block per policy). `compiled`:
+    the block compiled as the trainer compiles it (the checkpoint's policy inside the compiled
+    region, the partitioner choosing what to save): saved_bytes of the compiled forward's
+    save_for_backward, which includes the block's input (the eager figure excludes it, and counts
+    the SAC cache's copy of the last matmul's output, which no backward reads)."""
     policies = {"none": ("none", "op"), "full": ("full", "op"), "selective op": ("selective", "op"),
                 "selective op_all_mm": ("selective", "op_all_mm")}
     res = {}
@@ -118,7 +123,12 @@ def ac_policy_bytes(args, tokens: int, dtype: torch.dtype) -> dict[str, int]:
         block = VicunaBlock(args, "sdpa").to(dtype)
         block.init_weights(0.02)
         apply_activation_checkpointing(nn.ModuleDict({"0": block}), mode, option)
-        res[name] = retained_bytes(block, tokens, dtype)
+        if compiled:
+            torch._dynamo.reset()
+            compile_block(block)
+            res[name] = saved_bytes(block, tokens, dtype)
+        else:
+            res[name] = retained_bytes(block, tokens, dtype)
     return res
 
 
@@ -161,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             policy_per_token[name] = n / a.tokens
             print(f"  AC {name:<20} {n / 2**20:8.1f} MiB = {n / a.tokens / 1024:6.1f} KiB per "
                   f"token = {n / a.tokens / 2 / args.dim:5.1f} x dim bf16 values")
+        if a.compile:
+            print("trainable block, compiled, saved for backward (block input included):")
+            for name, n in ac_policy_bytes(args, a.tokens, dtype, compiled=True).items():
+                policy_per_token[f"{name} (compiled)"] = n / a.tokens
+                print(f"  AC {name + ' (compiled)':<31} {n / 2**20:8.1f} MiB = {n / a.tokens / 1024:6.1f} "
+                      f"KiB per token = {n / a.tokens / 2 / args.dim:5.1f} x dim bf16 values")
     weights = sum(p.numel() for p in block.parameters()) * args.n_layers * 2
     print(f"\n{args.n_layers} blocks; bf16 block weights {weights / GIB:.1f} GiB (frozen, unsharded)")
     for t in a.micro_batch_tokens:
