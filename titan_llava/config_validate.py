@@ -46,7 +46,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         raise ValueError(
             "training.steps = -1 (steps from epochs) needs data.packing = false: a packed row "
             "holds a varying number of samples. Set training.steps; `python -m "
-            "titan_llava.data.inspect --config <toml>` prints the rows one epoch packs into"
+            "titan_llava.data.inspect --config <toml> --packing` prints the rows one epoch packs into"
         )
     bad = [p for p in t.trainable if p not in TRAINABLE_PARTS]
     if bad or not t.trainable or len(set(t.trainable)) != len(t.trainable):

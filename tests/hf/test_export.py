@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -254,6 +255,9 @@ def test_re_export_replaces_the_earlier_shards(tmp_path):
         max_shard_bytes=300_000,
     )  # fmt: skip
     assert len(first.shards) > 2
+    # safetensors writes 0600: the shards are readable as the config is (same umask).
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert modes == {stat.S_IMODE((out / "config.json").stat().st_mode)}, modes
     (out / "model-tmp-00007.safetensors").write_bytes(b"left by a killed export")
     (out / "README.md").write_text("the user's own file")
     second = export_state_dict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.hf.loading import args_from_hf, load_hf_weights
 from titan_llava.hf.state_dict_adapter import UNUSED, hf_to_ours
 from titan_llava.models.llava import LlavaNext
@@ -42,9 +44,17 @@ def _worker(rank: int, init_file: str, ckpt_dir: str, out_dir: str) -> None:
         full = {k: v.full_tensor() for k, v in state.items()}
         if rank == 0:
             save_file(full, os.path.join(out_dir, "gathered.safetensors"))
-        dist.barrier()  # no collective left in flight at teardown
-    finally:
-        dist.destroy_process_group()
+        # The mesh and the model's DTensors keep the gloo group alive past destroy: freed while
+        # Python finalises, gloo's threads can abort the process ("terminate called without an
+        # active exception", SIGABRT; seen once in CI, rank 1). Drop them while it is alive.
+        del model, state, full, mesh
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other rank may not fail alike
+        raise
+    destroy_distributed()  # barrier, destroy, collect
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # and skip finalization: the result is saved (an error above still propagates)
 
 
 @pytest.mark.slow

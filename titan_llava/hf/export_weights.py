@@ -154,8 +154,13 @@ class ShardWriter:
         n = len(self._tmp_files)
         weight_map: dict[str, str] = {}
         names = []
+        # safetensors writes its files 0600; the shards get the mode of the export's other files
+        # (0666 less the umask), so that whoever may read the config can read the weights.
+        umask = os.umask(0)
+        os.umask(umask)
         for i, (tmp, keys) in enumerate(self._tmp_files):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.chmod(os.path.join(self.out_dir, tmp), 0o666 & ~umask)
             os.replace(
                 os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, name)
             )
