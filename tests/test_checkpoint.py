@@ -317,9 +317,14 @@ def test_resume_follows_this_runs_schedule_and_refuses_other_data_or_trainables(
     ok(train(dump, *RUN, "--training.steps", "4"))
     p = train(dump, *RUN)
     ok(p)
+    # The 8-step cosine's rate at step 4 is not the 4-step one's: said, not refused.
+    assert "the learning rates at step 4 differ from the checkpoint's" in p.stderr, p.stderr[-3000:]
     lrs = {step: recs[-1][2] for step, recs in metrics(dump).items()}
     assert [lrs[s] for s in range(5, 9)] == [straight[s][0][2] for s in range(5, 9)]
     assert lrs[5] > 0
+    p = train(dump, *RUN)  # an unchanged resume (of the finished run): no warning
+    ok(p)
+    assert "differ from the checkpoint's" not in p.stderr, p.stderr[-3000:]
 
     # The same 4-step start, resumed to 8 steps with twice the base lr: twice the 8-step rates.
     dump = str(tmp_path / "changed_lr")
@@ -328,7 +333,8 @@ def test_resume_follows_this_runs_schedule_and_refuses_other_data_or_trainables(
     shutil.rmtree(os.path.join(dump, "checkpoint", "step-8"))
     p = train(dump, *RUN, "--optimizer.lr", "2e-3")
     ok(p)
-    assert "differ from the checkpoint's" in p.stderr
+    assert "optimizer learning rates [0.002" in p.stderr, p.stderr[-3000:]
+    assert "the learning rates at step" not in p.stderr  # one warning for one cause
     lrs = {step: recs[-1][2] for step, recs in metrics(dump).items()}
     for step in range(5, 9):
         assert lrs[step] == pytest.approx(2 * straight[step][0][2], rel=1e-12)

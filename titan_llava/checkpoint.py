@@ -364,6 +364,13 @@ class CheckpointManager:
             g["initial_lr"] = base
             g["lr"] = base * fn(sch.last_epoch)
         sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        saved_last = saved_sched.get("_last_lr")
+        if saved_sched.get("base_lrs", config_lrs) == config_lrs and saved_last not in (None, sch._last_lr):
+            logger.warning(
+                f"the learning rates at step {sch.last_epoch} differ from the checkpoint's "
+                f"({saved_last} saved, {sch._last_lr} now): the schedule changed (training.steps, "
+                "warmup, decay or min_lr_ratio), and it continues as this run's config defines it"
+            )
         if data:
             entry = rank_key.split(".", 1)[1]
             self.data_loader.load_state_dict(
