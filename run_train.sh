@@ -60,6 +60,29 @@ while kill -0 "$pid" 2>/dev/null; do
   rc=0
   wait "$pid" || rc=$?
 done
+# torchrun killed outright (SIGKILL, the OOM killer) leaves its workers running: they stop on their
+# own within seconds (titan_llava/launcher_watch.py), save a checkpoint and report 75. Wait for every
+# worker of this node (each marks its pid beside the status file while it lives), so that the status
+# is theirs and a job restarted after this script never overlaps with them.
+if [ -z "$(head -n 1 "$status_file" 2>/dev/null)" ]; then
+  said=""
+  while :; do
+    alive=""
+    for marker in "$status_file".alive.*; do
+      if [ -e "$marker" ] && kill -0 "${marker##*.}" 2>/dev/null; then
+        alive=1
+        break
+      fi
+    done
+    [ -z "$alive" ] && break
+    if [ -z "$said" ]; then
+      echo "run_train.sh: torchrun exited (status $rc) while workers still run; waiting for them" \
+        "to stop (they save a checkpoint first)" >&2
+      said=1
+    fi
+    sleep 1
+  done
+fi
 # First line: the trainer's exit status; any further lines: its error message, repeated here because
 # torchrun may have stopped rank 0 (the rank whose output is shown) before it printed it.
 status=$(head -n 1 "$status_file" 2>/dev/null || true)

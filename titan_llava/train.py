@@ -4,6 +4,7 @@ build the Trainer (titan_llava.trainer), run it, and exit with a status the laun
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -40,14 +41,39 @@ newest checkpoint), 75 preempted after saving a checkpoint (run the same command
 
 @record  # under torchrun: the failing rank's traceback goes into torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
+    """`_run` with a marker run_train.sh can see while this worker lives (`_alive_marker`)."""
+    if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
+        print(USAGE)
+        return 0
+    marker = _alive_marker()
+    try:
+        return _run(argv)
+    finally:
+        if marker is not None:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
+
+
+def _alive_marker() -> str | None:
+    """Under run_train.sh: an empty `<status file>.alive.<pid>` for as long as this worker runs.
+    If torchrun is killed outright, its workers stop on their own (launcher_watch: checkpoint,
+    status 75); the script waits while a marked pid lives, so that it reports their status and a
+    restarted job never overlaps with them. A SIGKILLed worker leaves its marker: the pid is dead."""
+    path = os.environ.get("TITAN_LLAVA_STATUS_FILE")
+    if not path:
+        return None
+    marker = f"{path}.alive.{os.getpid()}"
+    with open(marker, "w"):
+        pass
+    return marker
+
+
+def _run(argv: list[str] | None) -> int:
     """Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint;
     143 (TERMINATED_EXIT_CODE) stopped by SIGTERM with checkpointing off (nothing saved);
     2 a configuration or input error found during set-up (the message
     names the key, file or sample); 3 (EXIT_NON_FINITE) a step's loss or gradient norm was not
     finite; anything else is a crash with its traceback."""
-    if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
-        print(USAGE)
-        return 0
     trainer, finished, cfg, diverged = None, False, None, None
     install_early_sigterm_handler()
     watch_launcher()  # under torchrun: a SIGKILLed torchrun stops its workers as SIGTERM does

@@ -1,7 +1,7 @@
 """run_train.sh hands the trainer's exit status to the caller (torchrun itself reports any worker
 failure as 1): 75 after a SIGTERM-triggered checkpoint, whether the signal reaches the workers or
-the script; 2 for a config error; 3 for a non-finite step; 0 for a completed run whose worker died
-while exiting."""
+the script, or after torchrun itself was killed (the script waits for its workers); 2 for a config
+error; 3 for a non-finite step; 0 for a completed run whose worker died while exiting."""
 
 from __future__ import annotations
 
@@ -69,6 +69,29 @@ def test_a_non_finite_step_exits_3(tmp_path):
     assert proc.returncode == 3, out[-3000:]
     line = next((l for l in out.splitlines() if l.startswith("run_train.sh: ")), "")
     assert "exited with status 3: error: step 3: non-finite loss" in line, out[-3000:]
+
+
+def test_torchrun_killed_outright_exits_75_once_the_workers_saved(tmp_path):
+    """SIGKILL to torchrun (the OOM killer, say): its workers notice, save a checkpoint and report
+    75; the script waits for them instead of exiting at once with torchrun's 137, so that a job
+    script requeues, and never restarts while they still write."""
+    dump = str(tmp_path / "run")
+    proc = _launch(dump, "--training.steps", "1000", "--checkpoint.interval", "1000")
+    metrics = os.path.join(dump, "metrics.jsonl")
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    assert len(children) == 1, children  # torchrun
+    os.kill(int(children[0]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 75, out[-3000:]
+    assert "while workers still run; waiting for them to stop" in out, out[-3000:]
+    last = json.loads(open(metrics).readlines()[-1])["step"]
+    assert os.path.isdir(os.path.join(dump, "checkpoint", f"step-{last}"))
 
 
 def test_a_worker_dying_after_the_run_completed_exits_0(tmp_path):
