@@ -18,6 +18,7 @@ from titan_llava.checkpoint import (
 )
 from titan_llava.checkpoint_io import complete_steps, maybe_crash, maybe_sigterm, step_dir_name
 from titan_llava.config import JobConfig, load_config
+from titan_llava.data.errors import BadSampleError
 from titan_llava.distributed.utils import destroy_distributed
 from titan_llava.launcher_watch import watch_launcher
 from titan_llava.step_check import NonFiniteError
@@ -34,7 +35,7 @@ Settings come from the defaults, then the TOML file, then the command line (--da
 4096, --training.trainable projector,llm; a bool key alone means true). Every key, with its
 default and meaning, is documented in titan_llava/config.py; README.md's Configuration table
 lists the most used. Exit status: 0 done, 2 a set-up error (one line naming the key, file or
-sample), 3 a non-finite loss or gradient norm (the step was not applied; the message names the
+sample; with data.strict also a bad sample met in training), 3 a non-finite loss or gradient norm (the step was not applied; the message names the
 newest checkpoint), 75 preempted after saving a checkpoint (run the same command to resume),
 143 stopped by SIGTERM with checkpointing off."""
 
@@ -72,9 +73,9 @@ def _run(argv: list[str] | None) -> int:
     """Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint;
     143 (TERMINATED_EXIT_CODE) stopped by SIGTERM with checkpointing off (nothing saved);
     2 a configuration or input error found during set-up (the message
-    names the key, file or sample); 3 (EXIT_NON_FINITE) a step's loss or gradient norm was not
+    names the key, file or sample), or with data.strict a bad sample met in training; 3 (EXIT_NON_FINITE) a step's loss or gradient norm was not
     finite; anything else is a crash with its traceback."""
-    trainer, finished, cfg, diverged = None, False, None, None
+    trainer, finished, cfg, stopped = None, False, None, None
     install_early_sigterm_handler()
     watch_launcher()  # under torchrun: a SIGKILLed torchrun stops its workers as SIGTERM does
     try:
@@ -100,33 +101,41 @@ def _run(argv: list[str] | None) -> int:
             status = trainer.train()
             finished = True
         except NonFiniteError as e:  # raised on every rank alike (the numbers are reduced)
-            diverged = e
+            stopped = e
+        except BadSampleError as e:  # data.strict: the rank that met the sample (others wait)
+            stopped = e
     finally:
         if trainer is not None:
             trainer.close()  # finishes an in-flight checkpoint first
         # Only a run that ended normally on every rank can meet at a barrier.
         destroy_distributed(barrier=finished)
-    if diverged is not None:
-        message = f"{diverged}. {_newest_checkpoint_hint(cfg)}"
+    if stopped is not None:
+        if isinstance(stopped, NonFiniteError):
+            status, what = EXIT_NON_FINITE, ("resuming it unchanged replays the same batches (exact "
+                                             "resume) and likely fails the same way: see "
+                                             "docs/checkpointing.md, 'A non-finite step'")
+        else:
+            status, what = EXIT_CONFIG_ERROR, ("resuming it meets the sample again: fix its files "
+                                               "(same id), or resume with data.strict = false, which "
+                                               "skips it (logged and counted)")
+        message = f"{'data.strict: ' if status == EXIT_CONFIG_ERROR else ''}{stopped}. " \
+                  f"{_newest_checkpoint_hint(cfg, what)}"
         print(f"titan_llava.train: error: {message}", file=sys.stderr)
-        _report_status(EXIT_NON_FINITE, f"error: {message}")
-        return EXIT_NON_FINITE
+        _report_status(status, f"error: {message}")
+        return status
     _report_status(status)
     # Test hook (TITAN_LLAVA_FAULT=exit@0[@rank]): a worker killed after the run completed.
     maybe_crash("exit", 0, int(os.environ.get("RANK", "0")))
     return status
 
 
-def _newest_checkpoint_hint(cfg: JobConfig) -> str:
-    """Where a stopped run stands: the newest complete checkpoint, and why resuming it unchanged
-    fails the same way."""
+def _newest_checkpoint_hint(cfg: JobConfig, what: str) -> str:
+    """Where a stopped run stands: the newest complete checkpoint, and `what` resuming it means."""
     folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
     steps, _ = complete_steps(folder) if cfg.checkpoint.enable else ([], [])
     if not steps:
         return "No checkpoint of this run exists (a rerun starts over)"
-    return (f"The newest complete checkpoint is {os.path.join(folder, step_dir_name(steps[-1]))}; "
-            "resuming it unchanged replays the same batches (exact resume) and likely fails the "
-            "same way: see docs/checkpointing.md, 'A non-finite step'")
+    return f"The newest complete checkpoint is {os.path.join(folder, step_dir_name(steps[-1]))}; {what}"
 
 
 def _report_status(status: int, message: str | None = None) -> None:
