@@ -40,6 +40,13 @@ def test_stage2_inherits_a_non_flavor_architecture(tmp_path):
     ])
     with open(os.path.join(stage2, "model_args.json")) as f:
         assert json.load(f) == arch1
+    # The export with --config (the run's model_args.json then unused) resolves the same
+    # architecture through the chain, and its log names where it came from (not the flavor).
+    from titan_llava.hf.export_dcp import resolve_run
+
+    run = resolve_run(os.path.join(stage2, "checkpoint", "step-1"), os.path.join(stage2, "config.json"))
+    assert run.args.llm.hidden_dim == 96 and run.args.vision.n_layers == 4
+    assert run.arch_source == f"{os.path.join(stage1, 'model_args.json')} (the run this one started from)"
 
 
 def test_grid_pinpoints_come_from_the_starting_checkpoint(tmp_path):

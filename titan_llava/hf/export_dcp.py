@@ -98,7 +98,7 @@ def resolve_run(
     checkpoint: str, config_path: str | None = None, tokenizer_path: str | None = None
 ) -> RunInfo:
     """Everything the export needs besides the tensors, from the run that wrote `checkpoint`."""
-    from titan_llava.architecture import MODEL_ARGS_FILE, resolve_model_args
+    from titan_llava.architecture import MODEL_ARGS_FILE, earlier_run_model_args, resolve_model_args
 
     step_dir = resolve_step_dir(checkpoint, "--checkpoint")
     explicit_config = config_path is not None
@@ -113,11 +113,13 @@ def resolve_run(
         arch = recorded
     else:
         args = resolve_model_args(cfg)
-        arch = (
-            f"Hugging Face config.json in {ck.initial_load_path}"
-            if ck.initial_load_in_hf
-            else f"flavor {cfg.model.flavor!r}"
-        )
+        earlier = earlier_run_model_args(cfg)  # what resolve_model_args took, when it exists
+        if ck.initial_load_in_hf:
+            arch = f"Hugging Face config.json in {ck.initial_load_path}"
+        elif earlier is not None:
+            arch = f"{earlier[1]} (the run this one started from)"
+        else:
+            arch = f"flavor {cfg.model.flavor!r}"
     return RunInfo(
         config_path=config_path,
         cfg=cfg,
