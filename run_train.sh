@@ -64,25 +64,40 @@ done
 # own within seconds (titan_llava/launcher_watch.py), save a checkpoint and report 75. Wait for every
 # worker of this node (each marks its pid beside the status file while it lives), so that the status
 # is theirs and a job restarted after this script never overlaps with them.
-if [ -z "$(head -n 1 "$status_file" 2>/dev/null)" ]; then
-  said=""
-  while :; do
-    alive=""
-    for marker in "$status_file".alive.*; do
-      if [ -e "$marker" ] && kill -0 "${marker##*.}" 2>/dev/null; then
-        alive=1
-        break
-      fi
-    done
-    [ -z "$alive" ] && break
-    if [ -z "$said" ]; then
-      echo "run_train.sh: torchrun exited (status $rc) while workers still run; waiting for them" \
-        "to stop (they save a checkpoint first)" >&2
-      said=1
+# torchrun's pid is reaped: a signal from now on must not go to it (the number may be reused).
+trap 'signalled=1' TERM INT
+# A marker names a live worker while that worker holds its flock (titan_llava/train.py): a dead
+# one (SIGKILLed, aborted, an unreaped zombie) holds none, nor does a process that reused its pid.
+marker_live() {
+  local fd held=1
+  [ -e "$1" ] || return 1
+  if command -v flock >/dev/null; then
+    { exec {fd}<"$1"; } 2>/dev/null || return 1  # removed meanwhile: that worker has finished
+    flock -n "$fd" && held=""
+    exec {fd}<&-
+    [ -n "$held" ]
+  else
+    kill -0 "${1##*.}" 2>/dev/null
+  fi
+}
+# Also when a status is written already: a worker still alive may still be writing.
+said=""
+while :; do
+  alive=""
+  for marker in "$status_file".alive.*; do
+    if marker_live "$marker"; then
+      alive=1
+      break
     fi
-    sleep 1
   done
-fi
+  [ -z "$alive" ] && break
+  if [ -z "$said" ]; then
+    echo "run_train.sh: torchrun exited (status $rc) while workers still run; waiting for them" \
+      "to stop (they save a checkpoint first)" >&2
+    said=1
+  fi
+  sleep 1
+done
 # First line: the trainer's exit status; any further lines: its error message, repeated here because
 # torchrun may have stopped rank 0 (the rank whose output is shown) before it printed it.
 status=$(head -n 1 "$status_file" 2>/dev/null || true)

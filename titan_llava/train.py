@@ -5,6 +5,7 @@ build the Trainer (titan_llava.trainer), run it, and exit with a status the laun
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sys
 
@@ -64,9 +65,18 @@ def _alive_marker() -> str | None:
     if not path:
         return None
     marker = f"{path}.alive.{os.getpid()}"
-    with open(marker, "w"):
-        pass
+    # An exclusive flock held for this process's lifetime: the kernel drops it when the process
+    # dies however it dies (SIGKILL, abort), also while it is an unreaped zombie, and a later
+    # process that reuses the pid does not hold it. Forked children (data workers) close it.
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
     return marker
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -102,6 +112,9 @@ def _run(argv: list[str] | None) -> int:
             finished = True
         except NonFiniteError as e:  # raised on every rank alike (the numbers are reduced)
             stopped = e
+            # Every rank is here: publish an asynchronous save still in flight (a checked step's
+            # state); close() below only waits for it, leaving it a .tmp folder.
+            trainer.checkpointer.finish()
         except BadSampleError as e:  # data.strict: the rank that met the sample (others wait)
             stopped = e
     finally:

@@ -83,11 +83,14 @@ def test_non_finite_step_is_never_applied(tmp_path):
 
 def test_a_non_finite_step_exits_3_naming_the_newest_checkpoint(tmp_path):
     """What the user sees: status 3 (not a crash's 1, not the requeue status 75) and one error
-    line with the step and the newest complete checkpoint, no traceback. An asynchronous save in
-    flight is finished first. With checkpointing off the line says a rerun starts over."""
+    line with the step and the newest complete checkpoint, no traceback. An asynchronous save
+    still in flight (step 2's: with deferred checks it is published at the next log or save
+    step) is published first, not left a .tmp folder. With checkpointing off the line says a
+    rerun starts over."""
     dump = str(tmp_path / "ck")
     p = train(dump, *FUSED, *BASE, "--checkpoint.enable", "true", "--checkpoint.interval", "2",
-              "--metrics.log_freq", "5", fault="nan_loss@3")  # fmt: skip
+              "--checkpoint.async_mode", "async", "--metrics.log_freq", "5",
+              fault="nan_loss@3")  # fmt: skip
     ok(p, 3)
     errors = [l for l in p.stderr.splitlines() if l.startswith("titan_llava.train: error: ")]
     assert len(errors) == 1, p.stderr[-4000:]

@@ -94,6 +94,30 @@ def test_torchrun_killed_outright_exits_75_once_the_workers_saved(tmp_path):
     assert os.path.isdir(os.path.join(dump, "checkpoint", f"step-{last}"))
 
 
+def test_a_dead_workers_marker_does_not_hold_the_script(tmp_path):
+    """A worker killed outright leaves its alive-marker; its pid may then name another process
+    (reused) or an unreaped zombie. Only a marker whose worker still holds its lock is waited for:
+    here torchrun (a stand-in) leaves a marker naming a live, unrelated process and exits 137."""
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        fake = bindir / "torchrun"
+        fake.write_text("#!/usr/bin/env python3\nimport os, sys\n"
+                        "open(os.environ['TITAN_LLAVA_STATUS_FILE'] + f'.alive.{os.environ[\"OTHER\"]}',"
+                        " 'w').close()\nsys.exit(137)\n")
+        fake.chmod(0o755)
+        env = {**os.environ, "OTHER": str(other.pid), "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+        start = time.time()
+        proc = subprocess.run(["./run_train.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 137, proc.stderr[-2000:]
+        assert time.time() - start < 20 and "waiting for them" not in proc.stderr, proc.stderr
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_worker_dying_after_the_run_completed_exits_0(tmp_path):
     """Status 0 is written after the final barrier: a worker that dies after it (a teardown crash,
     here SIGKILL) does not turn a completed run into a failure, and the script says what happened."""
