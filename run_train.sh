@@ -62,7 +62,7 @@ while kill -0 "$pid" 2>/dev/null; do
 done
 # torchrun killed outright (SIGKILL, the OOM killer) leaves its workers running: they stop on their
 # own within seconds (titan_llava/launcher_watch.py), save a checkpoint and report 75. Wait for every
-# worker of this node (each marks its pid beside the status file while it lives), so that the status
+# worker of this node (each locks a marker beside the status file while it lives), so that the status
 # is theirs and a job restarted after this script never overlaps with them.
 # torchrun's pid is reaped: a signal from now on must not go to it (the number may be reused).
 trap 'signalled=1' TERM INT

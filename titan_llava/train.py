@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 def _alive_marker() -> str | None:
     """Under run_train.sh: an empty `<status file>.alive.<pid>` for as long as this worker runs.
     If torchrun is killed outright, its workers stop on their own (launcher_watch: checkpoint,
-    status 75); the script waits while a marked pid lives, so that it reports their status and a
-    restarted job never overlaps with them. A SIGKILLed worker leaves its marker: the pid is dead."""
+    status 75); the script waits while a marker's lock is held, so that it reports their status
+    and a restarted job never overlaps with them. A SIGKILLed worker leaves its marker unlocked."""
     path = os.environ.get("TITAN_LLAVA_STATUS_FILE")
     if not path:
         return None
