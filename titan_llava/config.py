@@ -46,10 +46,8 @@ class Model:
     """With attn_backend "sdpa" on CUDA: the flash-attention implementation torch's kernels
     route to (torch >= 2.11's `activate_flash_attention_impl`; the package must be installed:
     FA3 = flash-attention's Hopper build, FA4 = PyPI's flash-attn-4, run through
-    models/fa4_compat.py). "" = torch's own (FA2-class). "auto" = FA4 where it applies, imports
-    and the GPU is a Hopper (measured on an H100: stage 1 +8.4%, stage 2 +5.1%), else torch's
-    own; the log says which and why. The trainer checks it once against fp32 SDPA before
-    building the model."""
+    models/fa4_compat.py). "" = torch's own (FA2-class). "auto" = FA4 on a Hopper GPU where it
+    imports, else torch's own (logged). Checked once against fp32 SDPA before the model is built."""
     image_aspect_ratio: Literal["anyres", "pad", "resize"] | None = None
     """Image preprocessing: LLaVA-NeXT AnyRes tiling, or one 336 tile (pad / resize). None: the
     mode the starting checkpoint was trained with (an earlier run's model_args.json; a Hugging

@@ -25,9 +25,8 @@ def _launch(dump: str, *overrides: str, env: dict | None = None) -> subprocess.P
     )
 
 
-def test_sigterm_to_the_script_exits_75_with_a_checkpoint(tmp_path):
-    dump = str(tmp_path / "run")
-    proc = _launch(dump, "--training.steps", "500", "--checkpoint.interval", "1000")
+def _wait_for_two_steps(proc: subprocess.Popen, dump: str) -> str:
+    """Until the run has logged two steps (still running); returns its metrics.jsonl path."""
     metrics = os.path.join(dump, "metrics.jsonl")
     deadline = time.time() + 150
     while time.time() < deadline and proc.poll() is None:
@@ -35,6 +34,13 @@ def test_sigterm_to_the_script_exits_75_with_a_checkpoint(tmp_path):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
+    return metrics
+
+
+def test_sigterm_to_the_script_exits_75_with_a_checkpoint(tmp_path):
+    dump = str(tmp_path / "run")
+    proc = _launch(dump, "--training.steps", "500", "--checkpoint.interval", "1000")
+    metrics = _wait_for_two_steps(proc, dump)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=150)
     assert proc.returncode == 75, out[-3000:]
@@ -77,13 +83,7 @@ def test_torchrun_killed_outright_exits_75_once_the_workers_saved(tmp_path):
     script requeues, and never restarts while they still write."""
     dump = str(tmp_path / "run")
     proc = _launch(dump, "--training.steps", "1000", "--checkpoint.interval", "1000")
-    metrics = os.path.join(dump, "metrics.jsonl")
-    deadline = time.time() + 150
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    metrics = _wait_for_two_steps(proc, dump)
     children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
     assert len(children) == 1, children  # torchrun
     os.kill(int(children[0]), signal.SIGKILL)
