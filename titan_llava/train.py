@@ -36,9 +36,10 @@ Settings come from the defaults, then the TOML file, then the command line (--da
 4096, --training.trainable projector,llm; a bool key alone means true). Every key, with its
 default and meaning, is documented in titan_llava/config.py; README.md's Configuration table
 lists the most used. Exit status: 0 done, 2 a set-up error (one line naming the key, file or
-sample; with data.strict also a bad sample met in training), 3 a non-finite loss or gradient norm (the step was not applied; the message names the
-newest checkpoint), 75 preempted after saving a checkpoint (run the same command to resume),
-143 stopped by SIGTERM with checkpointing off."""
+sample; with data.strict also a bad sample met in training), 3 a non-finite loss or gradient
+norm (the step was not applied; the message names the newest checkpoint), 75 preempted after
+saving a checkpoint (run the same command to resume), 143 stopped by SIGTERM with checkpointing
+off."""
 
 
 @record  # under torchrun: the failing rank's traceback goes into torchrun's failure summary
@@ -82,9 +83,9 @@ def _close_quietly(fd: int) -> None:
 def _run(argv: list[str] | None) -> int:
     """Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint;
     143 (TERMINATED_EXIT_CODE) stopped by SIGTERM with checkpointing off (nothing saved);
-    2 a configuration or input error found during set-up (the message
-    names the key, file or sample), or with data.strict a bad sample met in training; 3 (EXIT_NON_FINITE) a step's loss or gradient norm was not
-    finite; anything else is a crash with its traceback."""
+    2 a configuration or input error found during set-up (the message names the key, file or
+    sample), or with data.strict a bad sample met in training; 3 (EXIT_NON_FINITE) a step's loss
+    or gradient norm was not finite; anything else is a crash with its traceback."""
     trainer, finished, cfg, stopped = None, False, None, None
     install_early_sigterm_handler()
     watch_launcher()  # under torchrun: a SIGKILLed torchrun stops its workers as SIGTERM does
@@ -119,20 +120,19 @@ def _run(argv: list[str] | None) -> int:
             stopped = e
     finally:
         if trainer is not None:
-            trainer.close()  # finishes an in-flight checkpoint first
+            trainer.close()
         # Only a run that ended normally on every rank can meet at a barrier.
         destroy_distributed(barrier=finished)
     if stopped is not None:
         if isinstance(stopped, NonFiniteError):
-            status, what = EXIT_NON_FINITE, ("resuming it unchanged replays the same batches (exact "
-                                             "resume) and likely fails the same way: see "
-                                             "docs/checkpointing.md, 'A non-finite step'")
+            status, prefix, what = EXIT_NON_FINITE, "", (
+                "resuming it unchanged replays the same batches (exact resume) and likely fails "
+                "the same way: see docs/checkpointing.md, 'A non-finite step'")
         else:
-            status, what = EXIT_CONFIG_ERROR, ("resuming it meets the sample again: fix its files "
-                                               "(same id), or resume with data.strict = false, which "
-                                               "skips it (logged and counted)")
-        message = f"{'data.strict: ' if status == EXIT_CONFIG_ERROR else ''}{stopped}. " \
-                  f"{_newest_checkpoint_hint(cfg, what)}"
+            status, prefix, what = EXIT_CONFIG_ERROR, "data.strict: ", (
+                "resuming it meets the sample again: fix its files (same id), or resume with "
+                "data.strict = false, which skips it (logged and counted)")
+        message = f"{prefix}{stopped}. {_newest_checkpoint_hint(cfg, what)}"
         print(f"titan_llava.train: error: {message}", file=sys.stderr)
         _report_status(status, f"error: {message}")
         return status
@@ -148,7 +148,8 @@ def _newest_checkpoint_hint(cfg: JobConfig, what: str) -> str:
     steps, _ = complete_steps(folder) if cfg.checkpoint.enable else ([], [])
     if not steps:
         return "No checkpoint of this run exists (a rerun starts over)"
-    return f"The newest complete checkpoint is {os.path.join(folder, step_dir_name(steps[-1]))}; {what}"
+    newest = os.path.join(folder, step_dir_name(steps[-1]))
+    return f"The newest complete checkpoint is {newest}; {what}"
 
 
 def _report_status(status: int, message: str | None = None) -> None:
